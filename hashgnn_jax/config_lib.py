@@ -1,0 +1,172 @@
+"""The configuration schema: paper defaults, named variants and validation.
+
+The schema lives in the package (not only under configs/) so that a library user can build a
+config without the command line, and so that every configs/*.py file stays a thin variant.
+"""
+
+import ml_collections
+
+VARIANTS = ("paper", "authors_code")
+AGGREGATORS = ("gcn", "sage")
+GRANULARITIES = ("element", "node")
+SCHEDULES = ("exponential", "linear", "constant")
+LOGIT_SCALES = ("none", "inv_sqrt_bits", "inv_bits")
+RANK_LOSSES = ("hinge", "bpr")
+EVAL_MODES = ("hamming", "hierarchical", "continuous")
+DATA_KINDS = ("synthetic", "movielens", "gowalla", "pinterest", "alibaba", "lightgcn", "csv")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Paper settings (WWW 2020, Sec. 4) on the embedded synthetic graph."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.kind = "synthetic"
+  config.data.path = ""  # File or folder of real data; unused by 'synthetic'.
+  config.data.seed = 0  # Seeds generation and the per-user split.
+  config.data.test_fraction = 0.3  # Paper: 70/30 per user.
+  config.data.synthetic = ml_collections.ConfigDict()
+  config.data.synthetic.num_users = 3_000
+  config.data.synthetic.num_items = 2_000
+  config.data.synthetic.num_communities = 20
+  config.data.synthetic.mean_items_per_user = 30.0
+  config.data.synthetic.min_items_per_user = 8
+  config.data.synthetic.popularity_exponent = 1.0
+  config.data.synthetic.in_community_prob = 0.8
+
+  config.sampler = ml_collections.ConfigDict()
+  # Neighbours sampled with replacement per node: first hop, then second hop.
+  config.sampler.fanouts = (10, 5)
+  config.sampler.num_negatives = 5  # Paper: 5 triplets per positive.
+
+  config.model = ml_collections.ConfigDict()
+  config.model.embed_dim = 64  # Learned ID embedding (the public data sets have no attributes).
+  config.model.input_dense = 0  # >0: dense + activation on the embedding first (authors: 68).
+  config.model.aggregator = "gcn"  # gcn: W·mean(self ∪ N); sage: W·[self ‖ mean(N)].
+  config.model.hidden_dims = (128, 68)  # One entry per GNN layer; must match len(fanouts).
+  config.model.use_bias = True
+  config.model.leaky_relu_slope = 0.2
+  config.model.hash_bits = 32  # K.
+  config.model.separate_hash_layers = False  # Authors: one hash layer for users, one for items.
+  config.model.init = "normal"  # normal: N(0, 0.02) as in the paper; glorot: authors' code.
+
+  config.guidance = ml_collections.ConfigDict()
+  config.guidance.granularity = "element"  # element: Q per bit; node: one Q per node row.
+  # Node granularity only: a user and its positive item share one draw (authors' code).
+  config.guidance.share_positive_draw = False
+  config.guidance.schedule = "exponential"  # exponential | linear (staircase) | constant.
+  config.guidance.init = 1.0  # p at step 0: fully continuous.
+  config.guidance.decay_rate = 0.95  # exponential: p *= decay_rate every transition_steps.
+  config.guidance.decrement = 0.02  # linear: p -= decrement every transition_steps.
+  # <= 0 means "in epochs": -2 is every two epochs (authors' code).
+  config.guidance.transition_steps = 250
+  config.guidance.floor = 0.5  # Lower bound of p; the paper finds p < 0.5 hurts.
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.cross_weight = 1.0
+  config.loss.rank = "hinge"  # hinge: eq. 6 on sigmoids; bpr: authors' code.
+  config.loss.rank_weight = 0.5  # lambda.
+  config.loss.margin = 0.2  # alpha (hinge only).
+  # Inner products of ±1 codes lie in [-K, K]; unscaled they saturate the sigmoid.
+  config.loss.logit_scale = "inv_sqrt_bits"
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 256  # Positive edges per step, across all devices.
+  config.train.learning_rate = 1e-3
+  config.train.num_epochs = 12.0  # Over the training edges; fractional values allowed.
+  config.train.num_steps = -1  # >0 overrides num_epochs.
+  config.train.num_devices = -1  # -1: all local devices.
+  config.train.log_every_steps = 100
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.modes = ("hamming", "hierarchical", "continuous")
+  config.eval.cutoffs = (50, 100)
+  config.eval.num_candidates = 500  # M: Hamming candidates re-ranked in hierarchical search.
+  config.eval.exclude_train = True
+  config.eval.tie_seed = 0
+  config.eval.user_chunk = 256  # Users scored at once: memory is O(user_chunk × items).
+  config.eval.edge_chunk = 65_536  # Edges aggregated at once while encoding the full graph.
+  config.eval.every_steps = -1  # >0: also evaluate during training.
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 1_000
+  config.checkpoint.max_to_keep = 3
+  return config
+
+
+def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+  """Returns `config` switched to a named variant: 'paper' or 'authors_code'."""
+  if variant in (None, "", "paper"):
+    return config
+  if variant != "authors_code":
+    raise ValueError(f"Unknown config variant {variant!r}; expected one of {VARIANTS}.")
+  # What the authors' public TF code does where it departs from the paper.
+  config.model.embed_dim = 120
+  config.model.input_dense = 68
+  config.model.aggregator = "sage"
+  config.model.hidden_dims = (68, 68)
+  config.model.use_bias = False
+  config.model.separate_hash_layers = True
+  config.model.init = "glorot"
+  config.guidance.granularity = "node"
+  config.guidance.share_positive_draw = True
+  config.guidance.schedule = "linear"
+  config.guidance.decrement = 0.02
+  config.guidance.transition_steps = -2
+  config.guidance.floor = 0.0
+  config.sampler.num_negatives = 10
+  config.loss.cross_weight = 0.1
+  config.loss.rank = "bpr"
+  config.loss.rank_weight = 1.0
+  config.loss.logit_scale = "none"
+  config.train.num_epochs = 20.0
+  return config
+
+
+def _check_choice(value, choices, key):
+  if value not in choices:
+    raise ValueError(f"config.{key}={value!r} is not one of {choices}.")
+
+
+def _check_positive(value, key):
+  if value <= 0:
+    raise ValueError(f"config.{key}={value!r} must be > 0.")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Fails fast, naming the key, on values the schema's types cannot rule out."""
+  _check_choice(config.data.kind, DATA_KINDS, "data.kind")
+  if not 0.0 <= config.data.test_fraction < 1.0:
+    raise ValueError(f"config.data.test_fraction={config.data.test_fraction} must be in [0, 1).")
+  _check_choice(config.model.aggregator, AGGREGATORS, "model.aggregator")
+  _check_choice(config.model.init, ("normal", "glorot"), "model.init")
+  _check_choice(config.guidance.granularity, GRANULARITIES, "guidance.granularity")
+  _check_choice(config.guidance.schedule, SCHEDULES, "guidance.schedule")
+  _check_choice(config.loss.logit_scale, LOGIT_SCALES, "loss.logit_scale")
+  _check_choice(config.loss.rank, RANK_LOSSES, "loss.rank")
+  for mode in config.eval.modes:
+    _check_choice(mode, EVAL_MODES, "eval.modes")
+  if len(config.model.hidden_dims) != len(config.sampler.fanouts):
+    raise ValueError(
+        f"config.model.hidden_dims={tuple(config.model.hidden_dims)} needs one size per layer of "
+        f"config.sampler.fanouts={tuple(config.sampler.fanouts)}.")
+  for i, fanout in enumerate(config.sampler.fanouts):
+    _check_positive(fanout, f"sampler.fanouts[{i}]")
+  for i, dim in enumerate(config.model.hidden_dims):
+    _check_positive(dim, f"model.hidden_dims[{i}]")
+  for key in ("sampler.num_negatives", "model.embed_dim", "model.hash_bits", "train.batch_size",
+              "train.learning_rate", "eval.num_candidates", "eval.user_chunk", "eval.edge_chunk"):
+    group, field = key.split(".")
+    _check_positive(config[group][field], key)
+  for i, cutoff in enumerate(config.eval.cutoffs):
+    _check_positive(cutoff, f"eval.cutoffs[{i}]")
+  if "hierarchical" in config.eval.modes and config.eval.num_candidates < max(config.eval.cutoffs):
+    raise ValueError(
+        f"config.eval.num_candidates={config.eval.num_candidates} must be >= the largest cutoff "
+        f"{max(config.eval.cutoffs)} for hierarchical search.")
+  if not 0.0 <= config.guidance.floor <= config.guidance.init <= 1.0:
+    raise ValueError("config.guidance.floor <= config.guidance.init must both lie in [0, 1]; got "
+                     f"{config.guidance.floor} and {config.guidance.init}.")
+  if config.train.num_steps <= 0 and config.train.num_epochs <= 0:
+    raise ValueError("Set config.train.num_steps > 0 or config.train.num_epochs > 0.")

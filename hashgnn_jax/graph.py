@@ -1,0 +1,158 @@
+"""The bipartite interaction graph in CSR form, and the one place that imports jraph.
+
+Node ids: users are 0..U-1 and items are U..U+I-1, so one embedding table and one CSR cover both
+sides. jraph is frozen upstream (last release 2022); keeping every use of it in this module means a
+later swap touches one file.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import jraph
+import numpy as np
+
+GraphsTuple = jraph.GraphsTuple
+segment_sum = jraph.segment_sum
+
+
+@dataclasses.dataclass(frozen=True)
+class BipartiteGraph:
+  """Host-side CSR adjacency of the training edges, both directions, rows sorted."""
+
+  num_users: int
+  num_items: int
+  indptr: np.ndarray  # [N + 1] int64 offsets into `indices`.
+  indices: np.ndarray  # [2E] int32 neighbour node ids, ascending within each row.
+
+  @property
+  def num_nodes(self) -> int:
+    return self.num_users + self.num_items
+
+  @property
+  def num_edges(self) -> int:
+    """Undirected training edges (each appears twice in `indices`)."""
+    return len(self.indices) // 2
+
+  @property
+  def degrees(self) -> np.ndarray:
+    return np.diff(self.indptr)
+
+  @property
+  def max_degree(self) -> int:
+    return int(self.degrees.max(initial=0))
+
+  def item_degrees(self) -> np.ndarray:
+    """Training interactions per item: the popularity baseline's score."""
+    return self.degrees[self.num_users:]
+
+  def user_items(self, user: int) -> np.ndarray:
+    """Training item ids (0-based item ids, not node ids) of one user."""
+    return self.indices[self.indptr[user]:self.indptr[user + 1]] - self.num_users
+
+  def padded_user_items(self, users: np.ndarray) -> np.ndarray:
+    """Training item ids of `users` as one [len(users), max user degree] array, -1 padded."""
+    width = max(int(self.degrees[:self.num_users].max(initial=0)), 1)
+    starts, ends = self.indptr[users], self.indptr[users + 1]
+    offsets = np.arange(width)
+    positions = starts[:, None] + offsets[None, :]  # [C, width]
+    valid = positions < ends[:, None]
+    positions = np.where(valid, positions, 0)
+    return np.where(valid, self.indices[positions] - self.num_users, -1)
+
+
+def build_graph(users: np.ndarray, items: np.ndarray, num_users: int,
+                num_items: int) -> BipartiteGraph:
+  """CSR of unique (user, item) training pairs, users linked to items and back."""
+  users = np.asarray(users, np.int64)
+  items = np.asarray(items, np.int64)
+  if users.shape != items.shape:
+    raise ValueError(f"users {users.shape} and items {items.shape} must have one shape.")
+  if len(users) and (users.min() < 0 or users.max() >= num_users):
+    raise ValueError(f"user ids must lie in [0, {num_users}).")
+  if len(items) and (items.min() < 0 or items.max() >= num_items):
+    raise ValueError(f"item ids must lie in [0, {num_items}).")
+  num_nodes = num_users + num_items
+  src = np.concatenate([users, items + num_users])
+  dst = np.concatenate([items + num_users, users])
+  order = np.lexsort((dst, src))
+  src, dst = src[order], dst[order]
+  if len(src) > 1 and np.any((src[1:] == src[:-1]) & (dst[1:] == dst[:-1])):
+    raise ValueError("Training pairs must be unique; found a repeated (user, item) pair.")
+  indptr = np.zeros(num_nodes + 1, np.int64)
+  np.cumsum(np.bincount(src, minlength=num_nodes), out=indptr[1:])
+  return BipartiteGraph(num_users, num_items, indptr, dst.astype(np.int32))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DeviceGraph:
+  """The CSR as device arrays, plus the static facts the jitted sampler needs."""
+
+  indptr: jax.Array  # [N + 1] int32.
+  indices: jax.Array  # [2E] int32.
+  num_users: int = dataclasses.field(metadata=dict(static=True))
+  num_items: int = dataclasses.field(metadata=dict(static=True))
+  # Binary-search depth for the negative sampler: enough for the largest user row.
+  search_steps: int = dataclasses.field(metadata=dict(static=True))
+
+
+def to_device(graph: BipartiteGraph, sharding: jax.sharding.Sharding | None = None) -> DeviceGraph:
+  """Places the CSR on device(s) once; the train step reads it without host work."""
+  if len(graph.indices) >= 2**31:
+    raise ValueError("More than 2**31 directed edges do not fit int32 indices.")
+  max_user_degree = int(graph.degrees[:graph.num_users].max(initial=0))
+  return DeviceGraph(
+      indptr=jax.device_put(graph.indptr.astype(np.int32), sharding),
+      indices=jax.device_put(graph.indices, sharding),
+      num_users=graph.num_users,
+      num_items=graph.num_items,
+      search_steps=max(1, int(np.ceil(np.log2(max_user_degree + 1)))),
+  )
+
+
+def sampled_tree_graph(node_ids: jax.Array, edge_mask: jax.Array, num_targets: int,
+                       fanouts: tuple[int, ...]) -> GraphsTuple:
+  """Wraps sampled computation trees as one GraphsTuple with a fixed, receiver-sorted layout.
+
+  Node slots are [targets | hop-1 | hop-2 | ...], hop h holding num_targets × Π fanouts[:h]
+  slots, each a sampled neighbour of its parent slot in hop h-1. Edges run child → parent and are
+  ordered by parent, so the edges a layer needs are always a prefix (see `layer_sizes`).
+  Masked edges (edge_mask 0) stand for neighbours of a node without any.
+  """
+  senders, receivers = [], []
+  parents = num_targets
+  first_parent = 0
+  for fanout in fanouts:
+    children = parents * fanout
+    first_child = first_parent + parents
+    senders.append(np.arange(first_child, first_child + children))
+    receivers.append(np.repeat(np.arange(first_parent, first_parent + parents), fanout))
+    first_parent, parents = first_child, children
+  senders = np.concatenate(senders).astype(np.int32)
+  receivers = np.concatenate(receivers).astype(np.int32)
+  return GraphsTuple(
+      nodes=node_ids,
+      edges=edge_mask,
+      senders=jnp.asarray(senders),
+      receivers=jnp.asarray(receivers),
+      n_node=jnp.asarray([node_ids.shape[0]], jnp.int32),
+      n_edge=jnp.asarray([len(senders)], jnp.int32),
+      globals=None,
+  )
+
+
+def layer_sizes(num_targets: int, fanouts: tuple[int, ...]) -> list[tuple[int, int]]:
+  """(output nodes, input edges) for each GNN layer over a `sampled_tree_graph`.
+
+  With L layers, layer l (0-based) must produce outputs for hops 0..L-1-l; its input edges are
+  those whose receiver is one of them, a prefix of the edge list.
+  """
+  hop_sizes = [num_targets]
+  for fanout in fanouts:
+    hop_sizes.append(hop_sizes[-1] * fanout)
+  sizes = []
+  for layer in range(len(fanouts)):
+    kept_hops = len(fanouts) - layer
+    sizes.append((sum(hop_sizes[:kept_hops]), sum(hop_sizes[1:kept_hops + 1])))
+  return sizes

@@ -1,0 +1,157 @@
+"""HashGNN: ID embeddings, neighbour-mean GNN layers and a hash layer, in Flax Linen.
+
+Linen rather than NNX: the train step is a pure function of (params, opt_state, step) under pmap,
+and Linen's params-as-pytree fits that and Orbax's StandardSave with no split/merge round trips.
+"""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hashgnn_jax import graph as graph_lib
+
+
+@jax.custom_vjp
+def ste_sign(z: jax.Array) -> jax.Array:
+  """sign(z) with sign(0) = +1, and an identity (straight-through) gradient."""
+  return jnp.where(z >= 0, 1.0, -1.0).astype(z.dtype)
+
+
+def _ste_sign_fwd(z):
+  return ste_sign(z), None
+
+
+def _ste_sign_bwd(_, g):
+  # The true derivative is zero almost everywhere; passing g through lets the binary code train
+  # the continuous one behind it (the paper's straight-through estimator).
+  return (g,)
+
+
+ste_sign.defvjp(_ste_sign_fwd, _ste_sign_bwd)
+
+
+def guided_codes(z: jax.Array, keep_continuous: jax.Array) -> jax.Array:
+  """Guidance mix ĥ = Q⊙z + (1−Q)⊙sign(z); Q broadcasts from [T, 1] (node) or [T, K] (element)."""
+  q = keep_continuous.astype(z.dtype)
+  return q * z + (1.0 - q) * ste_sign(z)
+
+
+def neighbour_sums(x_src: jax.Array, senders: jax.Array, receivers: jax.Array,
+                   weights: jax.Array, num_dst: int) -> tuple[jax.Array, jax.Array]:
+  """Weighted sum of incoming neighbour features and the weighted in-degree of each node.
+
+  x_src [S, D]; senders, receivers, weights [E]; returns ([num_dst, D], [num_dst]).
+  """
+  messages = x_src[senders] * weights[:, None].astype(x_src.dtype)  # [E, D]
+  sums = graph_lib.segment_sum(messages, receivers, num_segments=num_dst)
+  degree = graph_lib.segment_sum(weights.astype(x_src.dtype), receivers, num_segments=num_dst)
+  return sums, degree
+
+
+def _kernel_init(init: str):
+  if init == "normal":
+    return nn.initializers.normal(stddev=0.02)
+  return nn.initializers.glorot_uniform()
+
+
+class MeanAggregator(nn.Module):
+  """One neighbour-mean layer; message passing happens outside so encoding can chunk it.
+
+  gcn (paper eq. 1): σ(W · mean({x_v} ∪ N(v))).
+  sage (authors' code): σ(W · [x_v ‖ mean(N(v))]), the mean of no neighbours being 0.
+  """
+
+  features: int
+  kind: str
+  use_bias: bool
+  slope: float
+  init_scheme: str
+
+  @nn.compact
+  def __call__(self, x_dst: jax.Array, sums: jax.Array, degree: jax.Array) -> jax.Array:
+    # x_dst, sums: [N, D]; degree: [N] -> [N, features].
+    if self.kind == "gcn":
+      h = (x_dst + sums) / (1.0 + degree)[:, None]
+    elif self.kind == "sage":
+      h = jnp.concatenate([x_dst, sums / jnp.maximum(degree, 1.0)[:, None]], axis=-1)
+    else:
+      raise ValueError(f"Unknown aggregator {self.kind!r}; expected 'gcn' or 'sage'.")
+    h = nn.Dense(self.features, use_bias=self.use_bias, kernel_init=_kernel_init(self.init_scheme))(h)
+    return nn.leaky_relu(h, self.slope)
+
+
+class HashGNN(nn.Module):
+  """Encodes node ids into continuous codes z = tanh(W u + b) of `hash_bits` dimensions."""
+
+  num_nodes: int
+  num_users: int
+  embed_dim: int
+  input_dense: int
+  hidden_dims: Sequence[int]
+  aggregator: str
+  use_bias: bool
+  slope: float
+  hash_bits: int
+  separate_hash_layers: bool
+  init_scheme: str
+
+  def setup(self):
+    init = _kernel_init(self.init_scheme)
+    self.embedding = nn.Embed(self.num_nodes, self.embed_dim, embedding_init=init)
+    if self.input_dense > 0:
+      self.input_layer = nn.Dense(self.input_dense, use_bias=self.use_bias, kernel_init=init)
+    self.layers = [
+        MeanAggregator(dim, self.aggregator, self.use_bias, self.slope, self.init_scheme)
+        for dim in self.hidden_dims
+    ]
+    self.user_hash = nn.Dense(self.hash_bits, kernel_init=init)
+    if self.separate_hash_layers:
+      self.item_hash = nn.Dense(self.hash_bits, kernel_init=init)
+
+  def embed(self, node_ids: jax.Array) -> jax.Array:
+    """Layer-0 features of nodes: [N] int -> [N, D]."""
+    x = self.embedding(node_ids)
+    if self.input_dense > 0:
+      x = nn.leaky_relu(self.input_layer(x), self.slope)
+    return x
+
+  def aggregate(self, layer: int, x_dst: jax.Array, sums: jax.Array,
+                degree: jax.Array) -> jax.Array:
+    """Applies GNN layer `layer` given precomputed neighbour sums and degrees."""
+    return self.layers[layer](x_dst, sums, degree)
+
+  def hash(self, x: jax.Array, node_ids: jax.Array) -> jax.Array:
+    """Continuous codes z in (-1, 1): [N, D], [N] -> [N, K]."""
+    z = self.user_hash(x)
+    if self.separate_hash_layers:
+      z = jnp.where((node_ids < self.num_users)[:, None], z, self.item_hash(x))
+    return jnp.tanh(z)
+
+  def __call__(self, graph: graph_lib.GraphsTuple, num_targets: int,
+               fanouts: tuple[int, ...]) -> jax.Array:
+    """z of the first `num_targets` nodes of a `graph_lib.sampled_tree_graph`: [T, K]."""
+    x = self.embed(graph.nodes)
+    for layer, (num_dst, num_edges) in enumerate(graph_lib.layer_sizes(num_targets, fanouts)):
+      sums, degree = neighbour_sums(x, graph.senders[:num_edges], graph.receivers[:num_edges],
+                                    graph.edges[:num_edges], num_dst)
+      x = self.aggregate(layer, x[:num_dst], sums, degree)
+    return self.hash(x, graph.nodes[:num_targets])
+
+
+def create_model(model_config, num_users: int, num_items: int) -> HashGNN:
+  """Builds the model from `config.model` for a graph of the given size."""
+  return HashGNN(
+      num_nodes=num_users + num_items,
+      num_users=num_users,
+      embed_dim=model_config.embed_dim,
+      input_dense=model_config.input_dense,
+      hidden_dims=tuple(model_config.hidden_dims),
+      aggregator=model_config.aggregator,
+      use_bias=model_config.use_bias,
+      slope=model_config.leaky_relu_slope,
+      hash_bits=model_config.hash_bits,
+      separate_hash_layers=model_config.separate_hash_layers,
+      init_scheme=model_config.init,
+  )

@@ -1,0 +1,126 @@
+"""On-device sampling of training batches: positive edges, exact negatives and neighbour trees.
+
+Everything here runs inside the jitted train step from device-resident CSR arrays, so a step
+needs no host work. Randomness is keyed by each example's position in the global batch rather
+than by device, so a batch samples the same subgraphs whatever the device count.
+
+A batch of b positive edges (u, i), each with T negative items n_1..n_T, has b·(2+T) targets laid
+out as [users (b) | positive items (b) | negatives (b·T, example-major)]; each target roots its own
+computation tree of neighbours sampled with replacement per hop.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from hashgnn_jax import graph as graph_lib
+
+
+def epoch_order(key: jax.Array, epoch: int | jax.Array, num_edges: int) -> jax.Array:
+  """The per-epoch shuffle of training edge ids: [E] int32."""
+  return jax.random.permutation(jax.random.fold_in(key, epoch), num_edges).astype(jnp.int32)
+
+
+def edge_endpoints(graph: graph_lib.DeviceGraph, edge_ids: jax.Array) -> tuple[jax.Array, ...]:
+  """(user node id, item node id) of training edges; user rows fill the CSR's first E slots."""
+  items = graph.indices[edge_ids]
+  users = jnp.searchsorted(graph.indptr[:graph.num_users + 1], edge_ids, side="right") - 1
+  return users.astype(jnp.int32), items
+
+
+def sample_neighbours(graph: graph_lib.DeviceGraph, nodes: jax.Array, fanout: int,
+                      key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Neighbours of each node drawn uniformly with replacement: [n] -> ([n, fanout], mask).
+
+  A node without neighbours gets itself with mask 0, so aggregation ignores the slot.
+  """
+  start = graph.indptr[nodes]
+  degree = graph.indptr[nodes + 1] - start  # [n]
+  offset = jax.random.randint(key, (nodes.shape[0], fanout), 0, jnp.maximum(degree, 1)[:, None])
+  neighbours = graph.indices[start[:, None] + offset]
+  has_neighbours = (degree > 0)[:, None]
+  neighbours = jnp.where(has_neighbours, neighbours, nodes[:, None])
+  return neighbours, jnp.broadcast_to(has_neighbours, neighbours.shape)
+
+
+def sample_negative_items(graph: graph_lib.DeviceGraph, users: jax.Array, num_negatives: int,
+                          key: jax.Array) -> jax.Array:
+  """Items each user has no training edge with, uniformly and exactly: [b] -> [b, T] node ids.
+
+  Draw r uniformly from [0, I − deg(u)) and return the r-th item missing from u's sorted row.
+  With the row's item ids a_0 < a_1 < ..., that item is r + k where k = #{j : a_j − j <= r}; the
+  left side is non-decreasing in j, so k comes from a binary search, with no rejection loop.
+  A user linked to every item has no negative; it then gets item I−1, a false negative.
+  """
+  start = graph.indptr[users][:, None]  # [b, 1]
+  degree = graph.indptr[users + 1][:, None] - start
+  free = jnp.maximum(graph.num_items - degree, 1)
+  r = jax.random.randint(key, (users.shape[0], num_negatives), 0, free)  # [b, T]
+  lo = jnp.zeros_like(r)
+  hi = jnp.broadcast_to(degree, r.shape)
+
+  def search_step(_, bounds):
+    lo, hi = bounds
+    mid = (lo + hi) // 2
+    active = lo < hi
+    item = graph.indices[jnp.where(active, start + mid, 0)] - graph.num_users
+    below = active & (item - mid <= r)
+    return jnp.where(below, mid + 1, lo), jnp.where(active & ~below, mid, hi)
+
+  lo, _ = jax.lax.fori_loop(0, graph.search_steps, search_step, (lo, hi))
+  return jnp.minimum(r + lo, graph.num_items - 1) + graph.num_users
+
+
+def _targets_major(per_example: jax.Array) -> jax.Array:
+  """[b, 2+T, ...] per example -> [b·(2+T), ...] in the [users | positives | negatives] layout."""
+  negatives = per_example[:, 2:].reshape((-1,) + per_example.shape[2:])
+  return jnp.concatenate([per_example[:, 0], per_example[:, 1], negatives], axis=0)
+
+
+def example_keys(step_key: jax.Array, positions: jax.Array) -> jax.Array:
+  """One key per example from its position in the global batch: [b] -> [b] keys."""
+  return jax.vmap(lambda p: jax.random.fold_in(step_key, p))(positions)
+
+
+def sample_batch(graph: graph_lib.DeviceGraph, edge_ids: jax.Array, keys: jax.Array, *,
+                 fanouts: tuple[int, ...], num_negatives: int) -> graph_lib.GraphsTuple:
+  """Samples the computation trees of b positive edges and their negatives.
+
+  edge_ids [b] and per-example keys [b] -> a `sampled_tree_graph` over b·(2+T) targets, whose
+  `nodes` are node ids and `edges` the neighbour masks.
+  """
+  users, items = edge_endpoints(graph, edge_ids)
+  neg_keys, tree_keys = jnp.split(jax.vmap(lambda k: jax.random.split(k, 2))(keys), 2, axis=1)
+  negatives = jax.vmap(
+      lambda u, k: sample_negative_items(graph, u[None], num_negatives, k)[0])(users,
+                                                                                neg_keys[:, 0])
+  roots = jnp.concatenate([users[:, None], items[:, None], negatives], axis=1)  # [b, 2+T]
+
+  # Each example draws its own trees so the draws do not depend on how the batch is split.
+  def draw_tree(root_ids, key):
+    hop, ids, masks = root_ids, [root_ids], []
+    for depth, fanout in enumerate(fanouts):
+      nbrs, mask = sample_neighbours(graph, hop.reshape(-1), fanout,
+                                     jax.random.fold_in(key, depth))
+      hop = nbrs.reshape(hop.shape + (fanout,))
+      ids.append(hop)
+      masks.append(mask.reshape(hop.shape))
+    return ids, masks
+
+  ids, masks = jax.vmap(draw_tree)(roots, tree_keys[:, 0])  # per hop: [b, 2+T, f1, ..., fh]
+  node_ids = jnp.concatenate([_targets_major(x).reshape(-1) for x in ids])
+  edge_mask = jnp.concatenate([_targets_major(m).reshape(-1) for m in masks])
+  return graph_lib.sampled_tree_graph(node_ids, edge_mask, roots.size, tuple(fanouts))
+
+
+def draw_keep_continuous(keys: jax.Array, p: jax.Array, *, num_negatives: int, width: int,
+                         share_positive: bool) -> jax.Array:
+  """Guidance mask Q ~ Bernoulli(p) per target: [b] keys -> bool [b·(2+T), width].
+
+  width is K (one draw per bit) or 1 (one per node). With `share_positive` a user and its
+  positive item use one draw, as the authors' code does.
+  """
+  def draw(key):
+    q = jax.random.bernoulli(key, p, (2 + num_negatives, width))
+    return q.at[1].set(q[0]) if share_positive else q
+
+  return _targets_major(jax.vmap(draw)(keys))

@@ -1,0 +1,137 @@
+"""Model pieces against NumPy: STE sign, guidance mixing, both aggregators on a hand-made graph."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hashgnn_jax import config_lib
+from hashgnn_jax import graph as graph_lib
+from hashgnn_jax import model as model_lib
+from hashgnn_jax import sampler
+
+
+def test_ste_sign_forward_is_sign_with_zero_positive():
+  z = jnp.array([-0.7, -0.0, 0.0, 1e-9, 0.3])
+  np.testing.assert_array_equal(model_lib.ste_sign(z), [-1.0, 1.0, 1.0, 1.0, 1.0])
+
+
+def test_ste_sign_gradient_is_identity():
+  z = jnp.array([-0.7, 0.0, 0.4])
+  weights = jnp.array([2.0, -3.0, 5.0])
+  grad = jax.grad(lambda v: jnp.sum(model_lib.ste_sign(v) * weights))(z)
+  np.testing.assert_array_equal(grad, weights)
+
+
+def test_guided_codes_mix_and_gradient():
+  z = jnp.array([[0.2, -0.4, 0.0], [-0.1, 0.5, 0.9]])
+  keep = jnp.array([[True, False, False], [False, True, True]])
+  expected = np.array([[0.2, -1.0, 1.0], [-1.0, 0.5, 0.9]])
+  np.testing.assert_allclose(model_lib.guided_codes(z, keep), expected)
+  # Both the continuous and the straight-through path pass the gradient unchanged.
+  grad = jax.grad(lambda v: jnp.sum(model_lib.guided_codes(v, keep) * 3.0))(z)
+  np.testing.assert_allclose(grad, np.full(z.shape, 3.0))
+
+
+@pytest.mark.parametrize("granularity", ["element", "node"])
+def test_guidance_mask_statistics(granularity):
+  num_examples, num_negatives, bits, p = 4_000, 3, 16, 0.3
+  width = bits if granularity == "element" else 1
+  keys = sampler.example_keys(jax.random.PRNGKey(3), jnp.arange(num_examples))
+  keep = np.asarray(sampler.draw_keep_continuous(
+      keys, jnp.float32(p), num_negatives=num_negatives, width=width, share_positive=False))
+  assert keep.shape == (num_examples * (2 + num_negatives), width)
+  n = keep.size
+  assert abs(keep.mean() - p) < 4 * np.sqrt(p * (1 - p) / n)
+  # Mixed codes: a node-level Q keeps whole rows continuous; an element-level one mixes inside rows.
+  z = jnp.full((keep.shape[0], bits), 0.25)
+  mixed = np.asarray(model_lib.guided_codes(z, keep))
+  continuous_fraction = (mixed == 0.25).mean(axis=1)
+  if granularity == "node":
+    assert set(np.unique(continuous_fraction)) <= {0.0, 1.0}
+  else:
+    assert ((continuous_fraction > 0) & (continuous_fraction < 1)).mean() > 0.9
+  assert abs(continuous_fraction.mean() - p) < 0.02
+
+
+def test_shared_positive_draw():
+  keys = sampler.example_keys(jax.random.PRNGKey(0), jnp.arange(500))
+  keep = np.asarray(sampler.draw_keep_continuous(keys, jnp.float32(0.5), num_negatives=2,
+                                                 width=1, share_positive=True))
+  np.testing.assert_array_equal(keep[:500], keep[500:1000])
+  assert not np.array_equal(keep[:500], keep[1000:1500:2])
+
+
+def _hand_graph():
+  """Targets 0 and 1; node 0 has neighbour slots 2, 3 (3 masked), node 1 has slots 4, 5."""
+  node_ids = jnp.array([0, 1, 2, 3, 4, 5], jnp.int32)
+  mask = jnp.array([True, False, True, True])
+  return graph_lib.sampled_tree_graph(node_ids, mask, 2, (2,))
+
+
+@pytest.mark.parametrize("kind", ["gcn", "sage"])
+def test_aggregators_match_numpy(kind):
+  config = config_lib.default_config().model
+  config.aggregator = kind
+  config.embed_dim = 3
+  config.hidden_dims = (4,)
+  config.hash_bits = 5
+  model = model_lib.create_model(config, num_users=2, num_items=4)
+  graph = _hand_graph()
+  params = model.init(jax.random.PRNGKey(0), graph, 2, (2,))["params"]
+  z = np.asarray(model.apply({"params": params}, graph, 2, (2,)))
+
+  emb = np.asarray(params["embedding"]["embedding"])
+  w = np.asarray(params["layers_0"]["Dense_0"]["kernel"])
+  b = np.asarray(params["layers_0"]["Dense_0"]["bias"])
+  if kind == "gcn":
+    h0 = (emb[0] + emb[2]) / 2  # The masked slot 3 is not a neighbour.
+    h1 = (emb[1] + emb[4] + emb[5]) / 3
+  else:
+    h0 = np.concatenate([emb[0], emb[2]])
+    h1 = np.concatenate([emb[1], (emb[4] + emb[5]) / 2])
+  hidden = np.stack([h0, h1]) @ w + b
+  hidden = np.where(hidden > 0, hidden, 0.2 * hidden)
+  hw = np.asarray(params["user_hash"]["kernel"])
+  hb = np.asarray(params["user_hash"]["bias"])
+  np.testing.assert_allclose(z, np.tanh(hidden @ hw + hb), rtol=1e-5, atol=1e-6)
+
+
+def test_two_layer_tree_matches_numpy():
+  config = config_lib.default_config().model
+  config.embed_dim = 2
+  config.hidden_dims = (3, 2)
+  config.hash_bits = 4
+  model = model_lib.create_model(config, num_users=3, num_items=5)
+  # One target (node 0) with hop-1 slots [1, 2] and hop-2 slots [3, 4 | 5, 6]; all edges real.
+  ids = jnp.array([0, 3, 4, 1, 2, 0, 2], jnp.int32)
+  graph = graph_lib.sampled_tree_graph(ids, jnp.ones(6, bool), 1, (2, 2))
+  params = model.init(jax.random.PRNGKey(1), graph, 1, (2, 2))["params"]
+  z = np.asarray(model.apply({"params": params}, graph, 1, (2, 2)))
+
+  emb = np.asarray(params["embedding"]["embedding"])[np.asarray(ids)]
+  act = lambda v: np.where(v > 0, v, 0.2 * v)
+  dense = lambda name, v: v @ np.asarray(params[name]["Dense_0"]["kernel"]) + np.asarray(
+      params[name]["Dense_0"]["bias"])
+  l1 = act(dense("layers_0", np.stack([
+      (emb[0] + emb[1] + emb[2]) / 3, (emb[1] + emb[3] + emb[4]) / 3,
+      (emb[2] + emb[5] + emb[6]) / 3])))
+  l2 = act(dense("layers_1", ((l1[0] + l1[1] + l1[2]) / 3)[None]))
+  expected = np.tanh(l2 @ np.asarray(params["user_hash"]["kernel"]) +
+                     np.asarray(params["user_hash"]["bias"]))
+  np.testing.assert_allclose(z, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_separate_hash_layers_pick_by_node_type():
+  config = config_lib.default_config().model
+  config.embed_dim = 3
+  config.hidden_dims = (4,)
+  config.separate_hash_layers = True
+  model = model_lib.create_model(config, num_users=2, num_items=4)
+  params = model.init(jax.random.PRNGKey(0), _hand_graph(), 2, (2,))["params"]
+  x = jnp.ones((2, 4))
+  # Node 0 is a user, node 3 an item (users are nodes 0..1).
+  z = model.apply({"params": params}, x, jnp.array([0, 3]), method=model_lib.HashGNN.hash)
+  user = np.tanh(np.ones((1, 4)) @ params["user_hash"]["kernel"] + params["user_hash"]["bias"])
+  item = np.tanh(np.ones((1, 4)) @ params["item_hash"]["kernel"] + params["item_hash"]["bias"])
+  np.testing.assert_allclose(z, np.concatenate([user, item]), rtol=1e-6)

@@ -1,0 +1,112 @@
+"""Sampler invariants against the host CSR: real neighbours, exact negatives, static shapes."""
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hashgnn_jax import graph as graph_lib
+from hashgnn_jax import sampler
+
+
+def _random_graph(num_users=40, num_items=25, num_pairs=300, seed=0):
+  rng = np.random.default_rng(seed)
+  pairs = {(int(rng.integers(num_users)), int(rng.integers(num_items))) for _ in range(num_pairs)}
+  pairs = np.array(sorted(pairs))
+  return graph_lib.build_graph(pairs[:, 0], pairs[:, 1], num_users, num_items), pairs
+
+
+def _neighbour_sets(graph):
+  return [set(graph.indices[graph.indptr[v]:graph.indptr[v + 1]].tolist())
+          for v in range(graph.num_nodes)]
+
+
+def test_build_graph_csr():
+  graph = graph_lib.build_graph(np.array([0, 0, 1]), np.array([1, 0, 1]), 2, 2)
+  # Users 0, 1; items are nodes 2, 3.
+  np.testing.assert_array_equal(graph.indptr, [0, 2, 3, 4, 6])
+  np.testing.assert_array_equal(graph.indices, [2, 3, 3, 0, 0, 1])
+  np.testing.assert_array_equal(graph.padded_user_items(np.array([1, 0])), [[1, -1], [0, 1]])
+  with pytest.raises(ValueError, match="unique"):
+    graph_lib.build_graph(np.array([0, 0]), np.array([1, 1]), 2, 2)
+  with pytest.raises(ValueError, match="item ids"):
+    graph_lib.build_graph(np.array([0]), np.array([2]), 2, 2)
+
+
+def test_layer_sizes_prefixes():
+  # Targets 2, fanouts (3, 2): hops of 2, 6, 12 slots.
+  assert graph_lib.layer_sizes(2, (3, 2)) == [(8, 18), (2, 6)]
+
+
+def test_edge_endpoints_recover_pairs():
+  graph, pairs = _random_graph()
+  users, items = sampler.edge_endpoints(graph_lib.to_device(graph),
+                                        jnp.arange(graph.num_edges, dtype=jnp.int32))
+  got = np.stack([np.asarray(users), np.asarray(items) - graph.num_users], axis=1)
+  np.testing.assert_array_equal(got, pairs)
+
+
+def test_sampled_trees_use_real_neighbours_and_static_shapes():
+  graph, _ = _random_graph(num_users=40, num_items=25, num_pairs=120)
+  device_graph = graph_lib.to_device(graph)
+  neighbours = _neighbour_sets(graph)
+  fanouts, num_negatives, b = (4, 3), 5, 16
+  edge_ids = jnp.arange(b, dtype=jnp.int32) * 3
+  keys = sampler.example_keys(jax.random.PRNGKey(0), jnp.arange(b))
+  trees = sampler.sample_batch(device_graph, edge_ids, keys, fanouts=fanouts,
+                               num_negatives=num_negatives)
+  targets = b * (2 + num_negatives)
+  assert trees.nodes.shape == (targets * (1 + 4 + 12),)
+  assert trees.edges.shape == trees.senders.shape == (targets * (4 + 12),)
+  nodes = np.asarray(trees.nodes)
+  mask = np.asarray(trees.edges)
+  for s, r, m in zip(np.asarray(trees.senders), np.asarray(trees.receivers), mask):
+    child, parent = nodes[s], nodes[r]
+    if m:
+      assert child in neighbours[parent]
+    else:
+      assert not neighbours[parent] and child == parent
+  # Layout: users, their positive items, then negatives.
+  users, items = nodes[:b], nodes[b:2 * b] - graph.num_users
+  for u, i in zip(users, items):
+    assert i + graph.num_users in neighbours[u]
+  # The shapes do not depend on the draw: a second key compiles to the same structure.
+  other = sampler.sample_batch(device_graph, edge_ids, keys + 1, fanouts=fanouts,
+                               num_negatives=num_negatives)
+  assert jax.tree.map(jnp.shape, other) == jax.tree.map(jnp.shape, trees)
+
+
+def test_negatives_exclude_training_items_exactly_and_uniformly():
+  graph, _ = _random_graph(num_users=6, num_items=12, num_pairs=40, seed=3)
+  device_graph = graph_lib.to_device(graph)
+  users = jnp.repeat(jnp.arange(6, dtype=jnp.int32), 1)
+  negatives = np.asarray(sampler.sample_negative_items(device_graph, users, 6_000,
+                                                       jax.random.PRNGKey(1)))
+  for u in range(6):
+    positives = set(graph.user_items(u).tolist())
+    drawn = negatives[u] - graph.num_users
+    allowed = sorted(set(range(12)) - positives)
+    counts = collections.Counter(drawn.tolist())
+    assert set(counts) == set(allowed)  # Never a training item, every other item reachable.
+    expected = 6_000 / len(allowed)
+    assert max(abs(c - expected) for c in counts.values()) < 5 * np.sqrt(expected)
+
+
+def test_negatives_for_long_rows():
+  # One user linked to every item but three: only those three may come back.
+  num_items = 300
+  items = np.array([i for i in range(num_items) if i not in (0, 150, 299)])
+  graph = graph_lib.build_graph(np.zeros_like(items), items, 1, num_items)
+  negatives = sampler.sample_negative_items(graph_lib.to_device(graph), jnp.zeros(1, jnp.int32),
+                                            500, jax.random.PRNGKey(0))
+  assert set((np.asarray(negatives) - 1).ravel().tolist()) == {0, 150, 299}
+
+
+def test_epoch_order_is_a_permutation_that_changes_by_epoch():
+  key = jax.random.PRNGKey(0)
+  first = np.asarray(sampler.epoch_order(key, 0, 50))
+  np.testing.assert_array_equal(np.sort(first), np.arange(50))
+  assert not np.array_equal(first, np.asarray(sampler.epoch_order(key, 1, 50)))
+  np.testing.assert_array_equal(first, np.asarray(sampler.epoch_order(key, 0, 50)))

@@ -1,0 +1,240 @@
+"""Tests for hashgnn_jax.retrieval against brute-force NumPy references."""
+
+import numpy as np
+import pytest
+
+from hashgnn_jax import retrieval
+
+
+def _grid_codes(rng, shape):
+  """Codes on a 1/4 grid (zeros included): inner products are exact, so ties are real ties."""
+  return (rng.integers(-4, 5, size=shape) / 4).astype(np.float32)
+
+
+def _reference_pack(codes):
+  """Bit-by-bit Python packing, LSB first within each 32-bit word."""
+  n, k = codes.shape
+  words = np.zeros((n, -(-k // 32)), dtype=np.uint64)
+  for row in range(n):
+    for bit in range(k):
+      if codes[row, bit] >= 0:
+        words[row, bit // 32] += 1 << (bit % 32)
+  return words.astype(np.uint32)
+
+
+def _reference_distances(user_z, item_z):
+  """Number of differing signs, with sign(0) = +1."""
+  user_sign = np.where(user_z >= 0, 1, -1)
+  item_sign = np.where(item_z >= 0, 1, -1)
+  return (user_sign[:, None, :] != item_sign[None, :, :]).sum(axis=-1)  # [C, I]
+
+
+def _reference_rank(scores, tie_order):
+  """Item ids [C, I] sorted by score descending, ties by position in tie_order."""
+  positions = np.argsort(tie_order)
+  return np.stack([np.lexsort((positions, -row)) for row in scores])
+
+
+def _exclusion_mask(exclude, num_items):
+  mask = np.zeros((exclude.shape[0], num_items), dtype=bool)
+  for row, ids in enumerate(exclude):
+    mask[row, ids[ids >= 0]] = True
+  return mask
+
+
+def _reference_search(user_z, item_z, tie_order, *, mode, num_results, num_candidates, exclude):
+  """Brute-force NumPy version of ItemIndex.search (float64 scores, -1 for excluded fill)."""
+  inner = user_z.astype(np.float64) @ item_z.astype(np.float64).T  # [C, I]
+  hamming = -_reference_distances(user_z, item_z).astype(np.float64)  # [C, I]
+  if exclude is not None:
+    mask = _exclusion_mask(exclude, item_z.shape[0])
+    inner[mask] = -np.inf
+    hamming[mask] = -np.inf
+  if mode == "continuous":
+    ranked = _reference_rank(inner, tie_order)[:, :num_results]
+    scores = np.take_along_axis(inner, ranked, axis=1)
+  elif mode == "hamming":
+    ranked = _reference_rank(hamming, tie_order)[:, :num_results]
+    scores = np.take_along_axis(hamming, ranked, axis=1)
+  else:
+    candidates = _reference_rank(hamming, tie_order)[:, :num_candidates]  # [C, M]
+    cand_inner = np.take_along_axis(inner, candidates, axis=1)
+    cand_inner[np.isneginf(np.take_along_axis(hamming, candidates, axis=1))] = -np.inf
+    # Stable re-rank: equal inner products keep their Hamming order.
+    order = np.stack([np.lexsort((np.arange(row.size), -row)) for row in cand_inner])
+    ranked = np.take_along_axis(candidates, order, axis=1)[:, :num_results]
+    scores = np.take_along_axis(cand_inner, order, axis=1)[:, :num_results]
+  return np.where(np.isneginf(scores), -1, ranked), scores
+
+
+def test_pack_bits_hand_example():
+  codes = np.full((2, 34), -0.5, dtype=np.float32)
+  codes[0, [0, 3, 31]] = [0.0, 0.7, 1.0]  # z == 0 counts as a set bit
+  codes[1, 33] = 0.0
+  expected = np.array([[1 + 8 + 2**31, 0], [0, 2]], dtype=np.uint32)
+  np.testing.assert_array_equal(np.asarray(retrieval.pack_bits(codes)), expected)
+
+
+@pytest.mark.parametrize("num_bits", [32, 40, 64, 96])
+def test_pack_bits_matches_reference(num_bits):
+  codes = _grid_codes(np.random.default_rng(num_bits), (7, num_bits))
+  words = np.asarray(retrieval.pack_bits(codes))
+  assert words.dtype == np.uint32
+  assert words.shape == (7, -(-num_bits // 32))
+  np.testing.assert_array_equal(words, _reference_pack(codes))
+
+
+def test_pack_bits_padding_bits_are_zero():
+  words = np.asarray(retrieval.pack_bits(np.ones((3, 40), dtype=np.float32)))
+  np.testing.assert_array_equal(words, np.array([[2**32 - 1, 2**8 - 1]] * 3, dtype=np.uint32))
+
+
+@pytest.mark.parametrize("num_bits", [32, 40, 64, 96])
+def test_hamming_distances_match_reference(num_bits):
+  rng = np.random.default_rng(num_bits + 1)
+  user_z = rng.uniform(-1, 1, (9, num_bits)).astype(np.float32)
+  item_z = rng.uniform(-1, 1, (23, num_bits)).astype(np.float32)
+  distances = retrieval.hamming_distances(retrieval.pack_bits(user_z), retrieval.pack_bits(item_z))
+  assert distances.dtype == np.int32
+  np.testing.assert_array_equal(np.asarray(distances), _reference_distances(user_z, item_z))
+
+
+def test_tie_break_order_is_seeded_permutation():
+  order = retrieval.tie_break_order(50, seed=3)
+  np.testing.assert_array_equal(np.sort(order), np.arange(50))
+  np.testing.assert_array_equal(order, retrieval.tie_break_order(50, seed=3))
+  assert not np.array_equal(order, retrieval.tie_break_order(50, seed=4))
+
+
+def test_hamming_ties_follow_tie_order_by_hand():
+  # Every item flips exactly one (different) bit of the user code: all four are at distance 1.
+  item_z = np.ones((4, 32), dtype=np.float32)
+  item_z[np.arange(4), [0, 5, 17, 31]] = -1.0
+  np.testing.assert_array_equal(retrieval.tie_break_order(4, seed=0), [2, 0, 1, 3])
+  index = retrieval.ItemIndex(item_z, tie_seed=0)
+  ids, scores = index.search(np.ones((1, 32), np.float32), mode="hamming", num_results=4)
+  np.testing.assert_array_equal(ids, [[2, 0, 1, 3]])
+  np.testing.assert_array_equal(scores, [[-1.0, -1.0, -1.0, -1.0]])
+  # Moving item 1 to distance 0 puts it first; the rest keep their tie order.
+  item_z[1] = 1.0
+  index = retrieval.ItemIndex(item_z, tie_seed=0)
+  ids, scores = index.search(np.ones((1, 32), np.float32), mode="hamming", num_results=4)
+  np.testing.assert_array_equal(ids, [[1, 2, 0, 3]])
+  np.testing.assert_array_equal(scores, [[0.0, -1.0, -1.0, -1.0]])
+
+
+@pytest.mark.parametrize("num_bits, use_exclude", [(32, False), (64, True)])
+def test_search_matches_numpy_reference(num_bits, use_exclude):
+  rng = np.random.default_rng(num_bits)
+  num_items, num_users = 301, 17
+  item_z = _grid_codes(rng, (num_items, num_bits))
+  user_z = _grid_codes(rng, (num_users, num_bits))
+  exclude = None
+  if use_exclude:
+    exclude = np.full((num_users, 40), -1, dtype=np.int64)
+    for row in range(num_users):
+      count = rng.integers(0, 41)
+      exclude[row, :count] = rng.choice(num_items, size=count, replace=False)
+  index = retrieval.ItemIndex(item_z, tie_seed=7)
+  tie_order = retrieval.tie_break_order(num_items, seed=7)
+  for mode, num_candidates in [("hamming", None), ("continuous", None), ("hierarchical", 60)]:
+    kwargs = {"mode": mode, "num_results": 25, "num_candidates": num_candidates, "exclude": exclude}
+    ids, scores = index.search(user_z, **kwargs)
+    want_ids, want_scores = _reference_search(user_z, item_z, tie_order, **kwargs)
+    assert ids.dtype == np.int64 and scores.dtype == np.float32
+    np.testing.assert_array_equal(ids, want_ids, err_msg=mode)
+    np.testing.assert_array_equal(scores, want_scores.astype(np.float32), err_msg=mode)
+    assert np.all(ids >= 0), mode  # 40 exclusions never exhaust 301 items
+    if exclude is not None:
+      for row in range(num_users):
+        assert not set(ids[row]) & set(exclude[row]), mode
+
+
+def test_hamming_distance_multiset_is_tie_independent():
+  rng = np.random.default_rng(0)
+  # Same shapes as the search test above, so the compiled search is reused.
+  item_z = rng.uniform(-1, 1, (301, 32)).astype(np.float32)
+  user_z = rng.uniform(-1, 1, (17, 32)).astype(np.float32)
+  want = np.sort(_reference_distances(user_z, item_z), axis=1)[:, :25]
+  for seed in (0, 1):
+    index = retrieval.ItemIndex(item_z, tie_seed=seed)
+    ids, scores = index.search(user_z, mode="hamming", num_results=25)
+    np.testing.assert_array_equal(-scores, want)
+    got = np.take_along_axis(_reference_distances(user_z, item_z), ids, axis=1)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_exclusion_padding_is_ignored_and_fill_is_minus_one():
+  rng = np.random.default_rng(1)
+  item_z = _grid_codes(rng, (6, 32))
+  user_z = _grid_codes(rng, (2, 32))
+  tie_order = retrieval.tie_break_order(6, seed=0)
+  index = retrieval.ItemIndex(item_z, tie_seed=0)
+  # Row 0 keeps only item 4; row 1 is all padding, so it must rank exactly as with no exclusion.
+  exclude = np.array([[0, 1, 2, 3, 5, -1], [-1, -1, -1, -1, -1, -1]])
+  for mode in retrieval.SEARCH_MODES:
+    num_candidates = 6 if mode == "hierarchical" else None
+    kwargs = {"mode": mode, "num_results": 3, "num_candidates": num_candidates}
+    ids, scores = index.search(user_z, exclude=exclude, **kwargs)
+    np.testing.assert_array_equal(ids[0], [4, -1, -1])
+    assert np.isfinite(scores[0, 0]) and np.all(np.isneginf(scores[0, 1:]))
+    want_ids, want_scores = _reference_search(user_z, item_z, tie_order, exclude=None, **kwargs)
+    np.testing.assert_array_equal(ids[1], want_ids[1])
+    np.testing.assert_array_equal(scores[1], want_scores[1].astype(np.float32))
+
+
+def test_hierarchical_rerank_keeps_excluded_candidates_last():
+  # All four items are Hamming candidates; item 0 has the best inner product but is excluded, so
+  # the re-rank must keep it below item 3 (distance 2, inner product -2).
+  item_z = np.array([[1.0, 1.0], [0.5, 0.5], [0.25, 0.25], [-1.0, -1.0]], dtype=np.float32)
+  index = retrieval.ItemIndex(item_z, tie_seed=0)
+  ids, scores = index.search(
+    np.ones((1, 2), np.float32),
+    mode="hierarchical",
+    num_results=4,
+    num_candidates=4,
+    exclude=np.array([[0]]),
+  )
+  np.testing.assert_array_equal(ids, [[1, 2, 3, -1]])
+  np.testing.assert_array_equal(scores, [[1.0, 0.5, -2.0, -np.inf]])
+
+
+def test_search_validation_errors():
+  index = retrieval.ItemIndex(np.ones((10, 32), np.float32), tie_seed=0)
+  user_z = np.ones((2, 32), np.float32)
+  with pytest.raises(ValueError, match="hamming, hierarchical, continuous"):
+    index.search(user_z, mode="cosine", num_results=3)
+  with pytest.raises(ValueError, match="num_results=5, num_candidates=4"):
+    index.search(user_z, mode="hierarchical", num_results=5, num_candidates=4)
+  with pytest.raises(ValueError, match="num_candidates=11"):
+    index.search(user_z, mode="hierarchical", num_results=5, num_candidates=11)
+  with pytest.raises(ValueError, match="num_candidates=None"):
+    index.search(user_z, mode="hierarchical", num_results=5)
+  with pytest.raises(ValueError, match="num_results=11"):
+    index.search(user_z, mode="hamming", num_results=11)
+  with pytest.raises(ValueError, match="shape"):
+    index.search(np.ones((2, 16), np.float32), mode="hamming", num_results=3)
+  with pytest.raises(ValueError, match="exclude ids"):
+    index.search(user_z, mode="hamming", num_results=3, exclude=np.array([[10], [0]]))
+
+
+def test_rank_by_item_score_by_hand():
+  # Score 7: items 1 and 4, and 4 comes first in tie_order. Score 3: items 2, 0, 3 in that order.
+  scores = np.array([3, 7, 3, 3, 7])
+  tie_order = np.array([4, 2, 0, 1, 3])
+  ids = retrieval.rank_by_item_score(scores, num_results=5, tie_order=tie_order, num_users=2)
+  np.testing.assert_array_equal(ids, [[4, 1, 2, 0, 3]] * 2)
+  exclude = np.array([[4, 2, -1], [-1, -1, -1], [0, 1, 2]])
+  ids = retrieval.rank_by_item_score(scores, num_results=3, tie_order=tie_order, exclude=exclude)
+  np.testing.assert_array_equal(ids, [[1, 0, 3], [4, 1, 2], [4, 3, -1]])
+
+
+def test_rank_by_item_score_validation():
+  with pytest.raises(ValueError, match="exactly one"):
+    retrieval.rank_by_item_score(np.ones(3), num_results=2, tie_order=np.arange(3))
+  with pytest.raises(ValueError, match="exactly one"):
+    retrieval.rank_by_item_score(
+      np.ones(3), num_results=2, tie_order=np.arange(3), num_users=1, exclude=np.zeros((1, 1))
+    )
+  with pytest.raises(ValueError, match="permutation"):
+    retrieval.rank_by_item_score(np.ones(3), num_results=2, tie_order=np.zeros(3), num_users=1)

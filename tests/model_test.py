@@ -99,6 +99,7 @@ def test_aggregators_match_numpy(kind):
 
 def test_two_layer_tree_matches_numpy():
   config = config_lib.default_config().model
+  config.aggregator = "gcn"
   config.embed_dim = 2
   config.hidden_dims = (3, 2)
   config.hash_bits = 4

@@ -1,0 +1,65 @@
+"""Orbax checkpoints of the train state under WORKDIR/checkpoints."""
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Periodic, asynchronous saves and restores onto this run's device."""
+
+  def __init__(self, workdir: str, *, every_steps: int, max_to_keep: int):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        save_interval_steps=max(every_steps, 1),
+        enable_async_checkpointing=True,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state, config_dict: dict, *, force: bool = False) -> bool:
+    """Starts a save when the interval says so (or `force`); returns whether it did.
+
+    Orbax writes to a temporary folder and renames it when complete, so a crash never leaves a
+    checkpoint that restore would pick up half-written.
+    """
+    return self._manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                config=ocp.args.JsonSave(config_dict)),
+        force=force,
+    )
+
+  def restore(self, abstract_state, step: int | None = None):
+    """Restores the state at `step` (latest if None) into the structure of `abstract_state`."""
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"No checkpoint found under {self.directory}.")
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise FileNotFoundError(
+          f"No checkpoint for step {step} under {self.directory}; available: {sorted(steps)}.")
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    return restored.state
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_like(tree, device: jax.Device):
+  """ShapeDtypeStructs of `tree` placed on `device`: the restore target's layout."""
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)

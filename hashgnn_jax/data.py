@@ -1,0 +1,162 @@
+"""Implicit-feedback interaction data sets and their per-user train/test split.
+
+A data set is a set of unique (user, item) pairs split into train and test pairs. The split is
+made per user, as usual for top-k recommendation benchmarks: every user with at least two
+interactions contributes to both sides, so recall can be measured for (almost) every user.
+"""
+
+import dataclasses
+import os
+
+import ml_collections
+import numpy as np
+
+from hashgnn_jax import synthetic
+
+# What each file-backed kind reads from `config.data.path`, quoted in the missing-path error.
+_FILE_KINDS = {
+  "movielens": "a MovieLens ratings file (ratings.dat or ratings.csv)",
+  "gowalla": "a Gowalla check-in file (loc-gowalla_totalCheckins.txt format)",
+  "pinterest": "a Pinterest interaction file (pinterest-20 format of the NCF release)",
+  "alibaba": "a UserBehavior.csv-format file",
+  "lightgcn": "a directory holding LightGCN-format train.txt and test.txt",
+  "csv": "a CSV file of user,item pairs",
+}
+VALID_KINDS = ("synthetic",) + tuple(_FILE_KINDS)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+  """Train and test interactions, each a set of unique pairs sorted by (user, item)."""
+
+  name: str
+  num_users: int
+  num_items: int
+  train_users: np.ndarray  # [E_train] int32
+  train_items: np.ndarray  # [E_train] int32
+  test_users: np.ndarray  # [E_test] int32
+  test_items: np.ndarray  # [E_test] int32
+
+  def __post_init__(self):
+    # Catch loader bugs here rather than as out-of-range gathers deep inside a jitted model.
+    for side in ("train", "test"):
+      if getattr(self, f"{side}_users").shape != getattr(self, f"{side}_items").shape:
+        raise ValueError(f"{side}_users and {side}_items must have the same shape")
+      for field, bound in ((f"{side}_users", self.num_users), (f"{side}_items", self.num_items)):
+        ids = getattr(self, field)
+        if ids.dtype != np.int32 or ids.ndim != 1:
+          raise ValueError(f"{field} must be a 1-D int32 array, got {ids.dtype} {ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= bound):
+          raise ValueError(f"{field} must lie in [0, {bound}), got [{ids.min()}, {ids.max()}]")
+
+  @property
+  def num_train(self) -> int:
+    """Number of training interactions."""
+    return int(self.train_users.shape[0])
+
+  @property
+  def num_test(self) -> int:
+    """Number of test interactions."""
+    return int(self.test_users.shape[0])
+
+  def summary(self) -> dict:
+    """Returns the headline counts of the data set as plain Python values."""
+    train_per_item = np.bincount(self.train_items, minlength=self.num_items)  # [I]
+    test_per_item = np.bincount(self.test_items, minlength=self.num_items)  # [I]
+    test_per_user = np.bincount(self.test_users, minlength=self.num_users)  # [U]
+    return {
+      "name": self.name,
+      "users": self.num_users,
+      "items": self.num_items,
+      "train_interactions": self.num_train,
+      "test_interactions": self.num_test,
+      "test_users": int(np.count_nonzero(test_per_user)),
+      # Items without a training edge get no learned signal, which caps the reachable recall.
+      "test_only_items": int(np.count_nonzero((test_per_item > 0) & (train_per_item == 0))),
+    }
+
+
+def split_per_user(
+  users: np.ndarray, items: np.ndarray, *, test_fraction: float, seed: int
+) -> np.ndarray:
+  """Returns a bool mask [E] that is True for the pairs drawn, per user, into the test set."""
+  users = np.asarray(users)
+  items = np.asarray(items)
+  if users.ndim != 1 or users.shape != items.shape:
+    raise ValueError(
+      f"users and items must be 1-D of equal length, got {users.shape}, {items.shape}"
+    )
+  if not 0 <= test_fraction < 1:
+    raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+  if users.size and users.min() < 0:
+    raise ValueError("users must be non-negative ids")
+  if users.size == 0:
+    return np.zeros(0, dtype=bool)
+
+  # A random permutation gives every pair a distinct random tiebreak, so sorting by (user,
+  # tiebreak) shuffles each user's pairs uniformly; a pair's rank within its user decides its side.
+  # One int64 key sorts several times faster than np.lexsort on two keys.
+  num_pairs = users.shape[0]
+  tiebreak = np.random.default_rng(seed).permutation(num_pairs)  # [E]
+  order = np.argsort(users.astype(np.int64) * num_pairs + tiebreak)  # [E]
+  sorted_users = users[order]  # [E]
+  per_user = np.bincount(users)  # [U]
+  rank = np.arange(num_pairs) - (np.cumsum(per_user) - per_user)[sorted_users]  # [E]
+
+  # Rounded like Python's round(): half to even.
+  num_test = np.rint(test_fraction * per_user)  # [U]
+  if test_fraction > 0:
+    num_test = np.maximum(num_test, 1)
+  # Everyone keeps a training pair, so single-interaction users never land in test.
+  num_test = np.clip(num_test, 0, per_user - 1)  # [U]
+
+  is_test = np.empty(num_pairs, dtype=bool)  # [E]
+  is_test[order] = rank < num_test[sorted_users]
+  return is_test
+
+
+def _build_synthetic(data_config: ml_collections.ConfigDict) -> Dataset:
+  """Generates the planted-community graph of `data_config.synthetic` and splits it."""
+  cfg = data_config.synthetic
+  # Independent streams for the graph and the split, both fixed by the one configured seed.
+  graph_seed, split_seed = np.random.SeedSequence(data_config.seed).generate_state(2)
+  users, items = synthetic.generate_interactions(
+    num_users=cfg.num_users,
+    num_items=cfg.num_items,
+    num_communities=cfg.num_communities,
+    mean_items_per_user=cfg.mean_items_per_user,
+    min_items_per_user=cfg.min_items_per_user,
+    popularity_exponent=cfg.popularity_exponent,
+    in_community_prob=cfg.in_community_prob,
+    seed=int(graph_seed),
+  )
+  is_test = split_per_user(
+    users, items, test_fraction=data_config.test_fraction, seed=int(split_seed)
+  )
+  # Boolean selection keeps the (user, item) order of the generator on both sides.
+  return Dataset(
+    name="synthetic",
+    num_users=cfg.num_users,
+    num_items=cfg.num_items,
+    train_users=users[~is_test],
+    train_items=items[~is_test],
+    test_users=users[is_test],
+    test_items=items[is_test],
+  )
+
+
+def load_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
+  """Builds the data set described by `data_config` (the `config.data` section)."""
+  kind = data_config.kind
+  if kind == "synthetic":
+    return _build_synthetic(data_config)
+  if kind not in _FILE_KINDS:
+    raise ValueError(f"config.data.kind must be one of {VALID_KINDS}, got {kind!r}")
+
+  path = data_config.get("path", "")
+  hint = f"data kind {kind!r} needs the path of {_FILE_KINDS[kind]} (pass --config.data.path=...)"
+  if not path:
+    raise FileNotFoundError(f"config.data.path is empty: {hint}")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config.data.path={path!r} does not exist: {hint}")
+  raise NotImplementedError(f"the loader for data kind {kind!r} is not built yet")

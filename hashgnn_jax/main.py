@@ -1,0 +1,48 @@
+"""Command-line entry point: `python -m hashgnn_jax.main --config=configs/default.py --workdir=DIR`.
+
+Kept short so that the logic lives in importable, tested modules (train.py).
+"""
+
+import logging as pylogging
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from hashgnn_jax import train
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                  "train: train (resuming from the workdir) then evaluate; eval: restore and "
+                  "evaluate only.")
+flags.DEFINE_integer("step", None, "With --mode=eval: the checkpoint step (default: latest).")
+config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _DropOrbaxInfo(pylogging.Filter):
+  """Orbax logs several INFO lines per save; keep its warnings, drop the chatter."""
+
+  def filter(self, record):
+    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_DropOrbaxInfo())
+  logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
+               jax.local_devices())
+  if FLAGS.mode == "train":
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  else:
+    train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)
+
+
+if __name__ == "__main__":
+  jax.config.config_with_absl()
+  app.run(main)

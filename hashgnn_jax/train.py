@@ -1,0 +1,275 @@
+"""Training and evaluation loop: one pmapped step that samples, encodes, and updates."""
+
+import functools
+import time
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from hashgnn_jax import checkpointing
+from hashgnn_jax import config_lib
+from hashgnn_jax import data as data_lib
+from hashgnn_jax import evaluate as evaluate_lib
+from hashgnn_jax import graph as graph_lib
+from hashgnn_jax import losses
+from hashgnn_jax import model as model_lib
+from hashgnn_jax import reporting
+from hashgnn_jax import sampler
+
+AXIS = "batch"
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: steps taken so far.
+  params: flax.core.FrozenDict
+  opt_state: optax.OptState
+
+
+def steps_per_epoch(num_edges: int, batch_size: int) -> int:
+  """Full batches in one pass over the training edges; the remainder waits for the next epoch."""
+  if batch_size > num_edges:
+    raise ValueError(f"config.train.batch_size={batch_size} exceeds the {num_edges} training "
+                     "edges; lower it.")
+  return num_edges // batch_size
+
+
+def total_steps(train_config, per_epoch: int) -> int:
+  if train_config.num_steps > 0:
+    return int(train_config.num_steps)
+  return max(1, int(round(train_config.num_epochs * per_epoch)))
+
+
+def create_guidance_schedule(guidance_config, per_epoch: int) -> optax.Schedule:
+  """p(step), the probability of keeping a continuous code bit (Q = 1)."""
+  every = guidance_config.transition_steps
+  if every <= 0:
+    every = -every * per_epoch  # Negative: counted in epochs.
+  every = max(int(every), 1)
+  if guidance_config.schedule == "constant":
+    return optax.constant_schedule(guidance_config.init)
+  if guidance_config.schedule == "exponential":
+    return optax.exponential_decay(
+        init_value=guidance_config.init, transition_steps=every,
+        decay_rate=guidance_config.decay_rate, staircase=True,
+        end_value=guidance_config.floor)
+  if guidance_config.schedule == "linear":
+    init, decrement, floor = guidance_config.init, guidance_config.decrement, guidance_config.floor
+    return lambda step: jnp.maximum(floor, init - decrement * (step // every))
+  raise ValueError(f"config.guidance.schedule={guidance_config.schedule!r} is not one of "
+                   f"{config_lib.SCHEDULES}.")
+
+
+def create_optimizer(train_config) -> optax.GradientTransformation:
+  return optax.adam(train_config.learning_rate)
+
+
+def create_train_state(model: model_lib.HashGNN, tx: optax.GradientTransformation,
+                       rng: jax.Array) -> TrainState:
+  """Initial parameters (from a one-node dummy tree) and optimizer state."""
+  num_layers = len(model.hidden_dims)
+  dummy = graph_lib.sampled_tree_graph(
+      jnp.zeros((1 + num_layers,), jnp.int32),
+      jnp.zeros((num_layers,), bool), 1, (1,) * num_layers)
+  params = model.init(rng, dummy, 1, (1,) * num_layers)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict, per_epoch: int,
+                    devices: list[jax.Device]):
+  """The pmapped step: (state, graph, edge_order, rng, shard_ids) -> (state, metrics).
+
+  state, graph, edge_order and rng go in unreplicated (in_axes None); shard_ids, a device-resident
+  arange over devices, is the one mapped input. State and metrics come back unreplicated.
+  """
+  num_devices = len(devices)
+  batch_size = config.train.batch_size
+  if batch_size % num_devices:
+    raise ValueError(f"config.train.batch_size={batch_size} must be divisible by the number of "
+                     f"devices ({num_devices}).")
+  local = batch_size // num_devices
+  fanouts = tuple(config.sampler.fanouts)
+  num_negatives = config.sampler.num_negatives
+  num_targets = local * (2 + num_negatives)
+  width = model.hash_bits if config.guidance.granularity == "element" else 1
+  share = config.guidance.share_positive_draw and config.guidance.granularity == "node"
+  schedule = create_guidance_schedule(config.guidance, per_epoch)
+
+  def train_step(state, graph, edge_order, rng, shard_id):
+    within = shard_id * local + jnp.arange(local, dtype=jnp.int32)  # Position in global batch.
+    edge_ids = edge_order[(state.step % per_epoch) * batch_size + within]
+    sample_key, guide_key = jax.random.split(jax.random.fold_in(rng, state.step))
+    trees = sampler.sample_batch(graph, edge_ids, sampler.example_keys(sample_key, within),
+                                 fanouts=fanouts, num_negatives=num_negatives)
+    p = schedule(state.step)
+    keep = sampler.draw_keep_continuous(sampler.example_keys(guide_key, within), p,
+                                        num_negatives=num_negatives, width=width,
+                                        share_positive=share)
+
+    def loss_fn(params):
+      z = model.apply({"params": params}, trees, num_targets, fanouts)
+      codes = model_lib.guided_codes(z, keep)
+      return losses.hashgnn_loss(codes, local, config.loss, model.hash_bits)
+
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+    # Each device's loss is a mean over its equal share, so the mean of gradients is the
+    # gradient of the global-batch mean.
+    grads = jax.lax.pmean(grads, AXIS)
+    metrics = jax.lax.pmean(metrics, AXIS)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["guidance_p"] = jnp.asarray(p, jnp.float32)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return jax.pmap(train_step, axis_name=AXIS, in_axes=(None, None, None, None, 0),
+                  out_axes=(None, None), devices=devices)
+
+
+def device_layout(devices: list[jax.Device]) -> tuple[jax.sharding.Sharding, jax.Array]:
+  """The replicated sharding over `devices`, and the step's mapped input: shard ids [n]."""
+  mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  shard_ids = jax.device_put(np.arange(len(devices), dtype=np.int32),
+                             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS)))
+  return replicated, shard_ids
+
+
+def select_devices(train_config) -> list[jax.Device]:
+  devices = jax.local_devices()
+  if train_config.num_devices > 0:
+    if train_config.num_devices > len(devices):
+      raise ValueError(f"config.train.num_devices={train_config.num_devices} but only "
+                       f"{len(devices)} local devices exist.")
+    devices = devices[:train_config.num_devices]
+  return devices
+
+
+class Experiment:
+  """Data, graph, model and optimizer of one configuration, shared by train and eval modes."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    config_lib.validate(config)
+    self.config = config
+    self.devices = select_devices(config.train)
+    self.dataset = data_lib.load_dataset(config.data)
+    self.graph = graph_lib.build_graph(self.dataset.train_users, self.dataset.train_items,
+                                       self.dataset.num_users, self.dataset.num_items)
+    self.per_epoch = steps_per_epoch(self.graph.num_edges, config.train.batch_size)
+    self.num_steps = total_steps(config.train, self.per_epoch)
+    self.model = model_lib.create_model(config.model, self.dataset.num_users,
+                                        self.dataset.num_items)
+    self.tx = create_optimizer(config.train)
+    root = jax.random.PRNGKey(config.seed)
+    self.init_rng, self.order_rng, self.step_rng = jax.random.split(root, 3)
+
+  def initial_state(self) -> TrainState:
+    with jax.default_device(self.devices[0]):
+      return create_train_state(self.model, self.tx, self.init_rng)
+
+  def abstract_state(self):
+    shapes = jax.eval_shape(lambda: create_train_state(self.model, self.tx, self.init_rng))
+    return checkpointing.abstract_like(shapes, self.devices[0])
+
+  def checkpointer(self, workdir: str) -> checkpointing.Checkpointer:
+    return checkpointing.Checkpointer(workdir, every_steps=self.config.checkpoint.every_steps,
+                                      max_to_keep=self.config.checkpoint.max_to_keep)
+
+  def evaluate(self, params, step: int) -> dict:
+    return evaluate_lib.evaluate(self.model, params, self.graph, self.dataset.test_users,
+                                 self.dataset.test_items, self.config.eval, step=step,
+                                 split="test")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from WORKDIR/checkpoints if present), evaluates, returns the final record."""
+  exp = Experiment(config)
+  devices = exp.devices
+  logging.info("Devices: %d local (%s); dataset: %s", len(devices), devices[0].platform,
+               exp.dataset.summary())
+  is_main = jax.process_index() == 0
+  writer = reporting.MetricsWriter(workdir) if is_main else None
+  ckpt = exp.checkpointer(workdir)
+
+  state = exp.initial_state()
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(exp.abstract_state())
+    logging.info("Resumed from step %d.", int(state.step))
+
+  replicated, shard_ids = device_layout(devices)
+  # The step returns state replicated over `devices`; giving it the same layout from the start
+  # keeps the first call from tracing a second time.
+  state = jax.device_put(state, replicated)
+  graph = graph_lib.to_device(exp.graph, replicated)
+  order_fn = jax.jit(functools.partial(sampler.epoch_order, num_edges=exp.graph.num_edges),
+                     out_shardings=replicated)
+  p_train_step = make_train_step(exp.model, exp.tx, config, exp.per_epoch, devices)
+  config_dict = config.to_dict()
+
+  step = int(state.step)
+  epoch, edge_order, metrics = None, None, None
+  log_every = config.train.log_every_steps
+  window_start, window_steps = time.perf_counter(), 0
+  logging.info("Training steps %d..%d (%d per epoch, batch %d on %d devices).", step,
+               exp.num_steps, exp.per_epoch, config.train.batch_size, len(devices))
+  while step < exp.num_steps:
+    if step // exp.per_epoch != epoch:
+      epoch = step // exp.per_epoch
+      edge_order = order_fn(exp.order_rng, epoch)
+    previous = metrics
+    state, metrics = p_train_step(state, graph, edge_order, exp.step_rng, shard_ids)
+    # At most two steps in flight: with dozens queued, XLA's CPU runtime deadlocked in the
+    # all-reduce of fake devices on 2 cores (BUILD_NOTES.md); one queued step keeps a GPU busy.
+    jax.block_until_ready(previous)
+    step += 1
+    window_steps += 1
+    if step % log_every == 0 or step == exp.num_steps:
+      scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      elapsed = time.perf_counter() - window_start
+      scalars["steps_per_second"] = window_steps / max(elapsed, 1e-9)
+      eta = (exp.num_steps - step) / scalars["steps_per_second"]
+      logging.info("step %d/%d  loss %.4f (cross %.4f, rank %.4f)  p %.3f  %.1f steps/s  ETA %.0fs",
+                   step, exp.num_steps, scalars["loss"], scalars["cross_loss"],
+                   scalars["rank_loss"], scalars["guidance_p"], scalars["steps_per_second"], eta)
+      if not np.isfinite(scalars["loss"]):
+        raise FloatingPointError(f"Loss became {scalars['loss']} at step {step}.")
+      if writer:
+        writer.write_train(step, scalars)
+      window_start, window_steps = time.perf_counter(), 0
+    ckpt.save(step, state, config_dict)
+    every_eval = config.eval.every_steps
+    if every_eval > 0 and step % every_eval == 0 and step < exp.num_steps:
+      record = exp.evaluate(state.params, step)
+      if writer:
+        writer.write_eval(record)
+      logging.info("\n%s", reporting.format_table(record))
+
+  ckpt.save(step, state, config_dict, force=step not in ckpt.all_steps())
+  ckpt.close()
+  record = exp.evaluate(state.params, step)
+  if writer:
+    writer.write_eval(record)
+    writer.close()
+  logging.info("\n%s", reporting.format_table(record))
+  return record
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        step: int | None = None) -> dict:
+  """Restores a checkpoint (latest if `step` is None) and evaluates it without training."""
+  exp = Experiment(config)
+  ckpt = exp.checkpointer(workdir)
+  state = ckpt.restore(exp.abstract_state(), step)
+  ckpt.close()
+  record = exp.evaluate(state.params, int(state.step))
+  if jax.process_index() == 0:
+    writer = reporting.MetricsWriter(workdir)
+    writer.write_eval(record)
+    writer.close()
+  logging.info("\n%s", reporting.format_table(record))
+  return record

@@ -1,0 +1,203 @@
+"""The pmapped train step and the train/eval loop, end to end on configs/test.py."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from hashgnn_jax import checkpointing
+from hashgnn_jax import graph as graph_lib
+from hashgnn_jax import losses
+from hashgnn_jax import sampler
+from hashgnn_jax import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from configs import test as test_config  # pylint: disable=g-import-not-at-top
+
+
+def _config(**overrides):
+  config = test_config.get_config()
+  for key, value in overrides.items():
+    group, field = key.split("__")
+    config[group][field] = value
+  return config
+
+
+def _run_steps(exp, devices, num_steps, state=None):
+  """Runs `num_steps` pmapped steps on `devices` the way train_and_evaluate does."""
+  replicated, shard_ids = train.device_layout(devices)
+  graph = graph_lib.to_device(exp.graph, replicated)
+  step_fn = train.make_train_step(exp.model, exp.tx, exp.config, exp.per_epoch, devices)
+  state = jax.device_put(exp.initial_state() if state is None else state, replicated)
+  metrics = None
+  for _ in range(num_steps):
+    epoch = int(state.step) // exp.per_epoch
+    order = jax.device_put(sampler.epoch_order(exp.order_rng, epoch, exp.graph.num_edges),
+                           replicated)
+    state, metrics = step_fn(state, graph, order, exp.step_rng, shard_ids)
+  return state, metrics, step_fn
+
+
+@pytest.fixture(scope="module")
+def experiment():
+  return train.Experiment(_config())
+
+
+def test_four_devices_match_one_device(experiment):
+  assert jax.local_device_count() >= 4
+  one_state, one_metrics, _ = _run_steps(experiment, jax.local_devices()[:1], 2)
+  four_state, four_metrics, _ = _run_steps(experiment, jax.local_devices()[:4], 2)
+  assert int(one_state.step) == int(four_state.step) == 2
+  for name in one_metrics:
+    np.testing.assert_allclose(four_metrics[name], one_metrics[name], rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               one_state.params, four_state.params)
+
+
+def test_step_compiles_once_across_steps_and_epochs(experiment, monkeypatch):
+  traces = []
+  original = losses.hashgnn_loss
+
+  def counting_loss(*args, **kwargs):
+    traces.append(1)  # Runs only while tracing.
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(losses, "hashgnn_loss", counting_loss)
+  steps = experiment.per_epoch + 2  # Crosses an epoch boundary and a new edge order.
+  state, _, _ = _run_steps(experiment, jax.local_devices()[:2], steps)
+  assert int(state.step) == steps
+  assert len(traces) == 1
+
+
+def test_batch_size_must_divide_by_devices(experiment):
+  config = _config(train__batch_size=130)
+  with pytest.raises(ValueError, match=r"batch_size=130 must be divisible .* devices \(4\)"):
+    train.make_train_step(experiment.model, experiment.tx, config, 10, jax.local_devices()[:4])
+
+
+def test_batch_larger_than_training_edges_is_rejected():
+  with pytest.raises(ValueError, match="batch_size=10000000 exceeds"):
+    train.steps_per_epoch(5_000, 10_000_000)
+
+
+def test_guidance_schedules():
+  config = _config().guidance
+  config.schedule, config.init, config.decay_rate, config.transition_steps, config.floor = (
+      "exponential", 1.0, 0.95, 250, 0.5)
+  schedule = train.create_guidance_schedule(config, per_epoch=100)
+  np.testing.assert_allclose([schedule(s) for s in (0, 249, 250, 500, 100_000)],
+                             [1.0, 1.0, 0.95, 0.9025, 0.5], rtol=1e-6)
+  config.schedule, config.decrement, config.transition_steps, config.floor = ("linear", 0.02, -2,
+                                                                              0.0)
+  schedule = train.create_guidance_schedule(config, per_epoch=100)  # Every two epochs.
+  np.testing.assert_allclose([schedule(s) for s in (0, 199, 200, 1_999, 10_000_000)],
+                             [1.0, 1.0, 0.98, 0.82, 0.0], atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+  """configs/test.py trained on all four fake devices, unchanged."""
+  workdir = str(tmp_path_factory.mktemp("run"))
+  record = train.train_and_evaluate(_config(), workdir)
+  return workdir, record
+
+
+def test_end_to_end_beats_popularity(trained_run):
+  _, record = trained_run
+  popularity = record["metrics"]["popularity"]["hr@50"]
+  assert popularity > 0.2  # The baseline is not trivial on this graph ...
+  for mode in ("hamming", "hierarchical"):  # ... and the learned codes beat it.
+    assert record["metrics"][mode]["hr@50"] > 1.3 * popularity, record["metrics"]
+
+
+def test_results_files(trained_run):
+  workdir, record = trained_run
+  with open(os.path.join(workdir, "eval_results.json")) as f:
+    saved = json.load(f)
+  assert saved == json.loads(json.dumps(record))
+  assert set(saved) >= {"step", "split", "metrics", "seconds", "num_users", "num_items", "bits"}
+  assert set(saved["metrics"]) == {"hamming", "hierarchical", "continuous", "popularity"}
+  assert set(saved["metrics"]["hamming"]) == {"hr@10", "hr@50", "ndcg@10", "ndcg@50"}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    lines = [json.loads(line) for line in f]
+  assert [r["step"] for r in lines if r["split"] == "train"] == [100, 200, 300, 400, 500, 600]
+  assert lines[-1] == saved
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  assert not [n for n in os.listdir(workdir) if n.startswith(".tmp_")]
+
+
+def test_eval_mode_reproduces_final_metrics(trained_run):
+  workdir, record = trained_run
+  again = train.evaluate_checkpoint(_config(), workdir)
+  assert again["step"] == record["step"] == 600
+  assert again["metrics"] == record["metrics"]
+  with pytest.raises(FileNotFoundError, match="No checkpoint for step 7"):
+    train.evaluate_checkpoint(_config(), workdir, step=7)
+
+
+def _final_params(workdir, exp):
+  ckpt = exp.checkpointer(workdir)
+  state = ckpt.restore(exp.abstract_state())
+  ckpt.close()
+  return state
+
+
+def test_resume_continues_from_checkpoint(tmp_path):
+  half, full = str(tmp_path / "half"), str(tmp_path / "full")
+  config = _config(train__num_devices=1, train__num_steps=300)
+  train.train_and_evaluate(config, half)
+  resumed = train.train_and_evaluate(_config(train__num_devices=1), half)
+  straight = train.train_and_evaluate(_config(train__num_devices=1), full)
+  assert resumed["step"] == straight["step"] == 600
+  exp = train.Experiment(_config(train__num_devices=1))
+  assert sorted(exp.checkpointer(half).all_steps())[-1] == 600
+  # Sampling and shuffling are functions of (seed, step), so resuming changes nothing.
+  jax.tree.map(np.testing.assert_array_equal, _final_params(half, exp).params,
+               _final_params(full, exp).params)
+  assert resumed["metrics"] == straight["metrics"]
+
+
+def _main(*args, cwd=ROOT):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "hashgnn_jax.main", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_rejects_unknown_key_and_bad_type(tmp_path):
+  result = _main("--config=configs/test.py", f"--workdir={tmp_path}", "--config.train.bogus=1")
+  assert result.returncode != 0
+  assert "bogus" in result.stderr
+  result = _main("--config=configs/test.py", f"--workdir={tmp_path}",
+                 "--config.train.batch_size=big")
+  assert result.returncode != 0
+  assert "batch_size" in result.stderr
+
+
+def test_cli_alibaba_names_missing_data_path(tmp_path):
+  result = _main("--config=configs/alibaba.py", f"--workdir={tmp_path}")
+  assert result.returncode != 0
+  assert "config.data.path" in result.stderr
+
+
+def test_invalid_config_values_name_the_key():
+  config = _config()
+  config.model.aggregator = "max"
+  with pytest.raises(ValueError, match=r"config\.model\.aggregator='max'"):
+    train.Experiment(config)
+  config = _config()
+  config.model.hidden_dims = (8,)
+  with pytest.raises(ValueError, match=r"config\.model\.hidden_dims"):
+    train.Experiment(config)
+
+
+def test_checkpoint_restore_missing_dir(tmp_path):
+  ckpt = checkpointing.Checkpointer(str(tmp_path), every_steps=1, max_to_keep=1)
+  with pytest.raises(FileNotFoundError, match="No checkpoint found"):
+    ckpt.restore({})
+  ckpt.close()

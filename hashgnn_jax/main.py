@@ -11,6 +11,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from hashgnn_jax import reporting
 from hashgnn_jax import train
 
 FLAGS = flags.FLAGS
@@ -38,9 +39,11 @@ def main(argv):
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
   if FLAGS.mode == "train":
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    record = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   else:
-    train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)
+    record = train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)
+  if jax.process_index() == 0:
+    print(reporting.format_table(record))
 
 
 if __name__ == "__main__":

@@ -255,7 +255,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if writer:
     writer.write_eval(record)
     writer.close()
-  logging.info("\n%s", reporting.format_table(record))
   return record
 
 
@@ -271,5 +270,4 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     writer = reporting.MetricsWriter(workdir)
     writer.write_eval(record)
     writer.close()
-  logging.info("\n%s", reporting.format_table(record))
   return record

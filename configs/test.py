@@ -20,6 +20,7 @@ def get_config(variant: str = "paper"):
   config.train.log_every_steps = 100
   config.guidance.transition_steps = 100 if variant != "authors_code" else -2
   config.eval.num_candidates = 150
+  config.eval.paper_candidates = 100
   config.eval.cutoffs = (10, 50)
   config.eval.user_chunk = 128
   config.eval.edge_chunk = 2_048

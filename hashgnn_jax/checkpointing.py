@@ -9,22 +9,31 @@ import orbax.checkpoint as ocp
 class Checkpointer:
   """Periodic, asynchronous saves and restores onto this run's device."""
 
-  def __init__(self, workdir: str, *, every_steps: int, max_to_keep: int):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  def __init__(self, workdir: str, *, every_steps: int, max_to_keep: int,
+               subdir: str = "checkpoints", keep_best: bool = False):
+    """With `keep_best`, keeps only the `max_to_keep` saves of highest `metrics["score"]`."""
+    self.directory = os.path.join(os.path.abspath(workdir), subdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         save_interval_steps=max(every_steps, 1),
         enable_async_checkpointing=True,
+        best_fn=(lambda metrics: metrics["score"]) if keep_best else None,
+        best_mode="max",
+        keep_checkpoints_without_metrics=not keep_best,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def best_step(self) -> int | None:
+    return self._manager.best_step()
+
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state, config_dict: dict, *, force: bool = False) -> bool:
+  def save(self, step: int, state, config_dict: dict, *, force: bool = False,
+           score: float | None = None) -> bool:
     """Starts a save when the interval says so (or `force`); returns whether it did.
 
     Orbax writes to a temporary folder and renames it when complete, so a crash never leaves a
@@ -35,6 +44,7 @@ class Checkpointer:
         args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                 config=ocp.args.JsonSave(config_dict)),
         force=force,
+        metrics=None if score is None else {"score": float(score)},
     )
 
   def restore(self, abstract_state, step: int | None = None):

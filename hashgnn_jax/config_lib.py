@@ -15,6 +15,8 @@ SCHEDULES = ("exponential", "linear", "constant")
 LOGIT_SCALES = ("none", "inv_sqrt_bits", "inv_bits")
 RANK_LOSSES = ("hinge", "bpr")
 EVAL_MODES = ("hamming", "hierarchical", "continuous")
+PROTOCOLS = ("standard", "paper")
+SPLITS = ("random", "published", "temporal")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -27,6 +29,26 @@ def default_config() -> ml_collections.ConfigDict:
   config.data.path = ""  # File or folder of real data; unused by 'synthetic'.
   config.data.seed = 0  # Seeds generation and the per-user split.
   config.data.test_fraction = 0.3  # Paper: 70/30 per user.
+  # Share of each user's training interactions held out for validation (paper: 10%); 0 disables.
+  config.data.valid_fraction = 0.0
+  # random: per user, seeded; published: keep the files' train/test (LightGCN format);
+  # temporal: by timestamp windows (Alibaba: six days train, the last day test).
+  config.data.split = "random"
+  config.data.train_days = 6.0  # temporal only.
+  config.data.test_days = 1.0  # temporal only; the last `test_days` of the log.
+  config.data.min_user_interactions = 0  # Users with fewer are dropped (Alibaba: 10).
+  config.data.min_item_interactions = 0
+  config.data.k_core = False  # Repeat both filters until stable.
+  config.data.behaviors = ("pv", "buy", "cart", "fav")  # UserBehavior.csv types to keep.
+  config.data.cache_dir = ""  # Prepared caches; "" means a folder beside the source.
+  # Generic CSV / TSV / Parquet column mapping (names, or 0-based indices as strings).
+  config.data.columns = ml_collections.ConfigDict()
+  config.data.columns.user = "user"
+  config.data.columns.item = "item"
+  config.data.columns.timestamp = ""
+  config.data.columns.rating = ""
+  config.data.delimiter = ","
+  config.data.header = True
   config.data.synthetic = ml_collections.ConfigDict()
   config.data.synthetic.num_users = 3_000
   config.data.synthetic.num_items = 2_000
@@ -87,12 +109,20 @@ def default_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.modes = ("hamming", "hierarchical", "continuous")
   config.eval.cutoffs = (50, 100)
+  # standard: known items excluded, full ranking, standard NDCG. paper: the authors' code (no
+  # exclusion, hierarchical over the Hamming top `paper_candidates`, NDCG over retrieved hits).
+  # The first is the record's "metrics"; all land in its "by_protocol".
+  config.eval.protocols = ("standard", "paper")
   config.eval.num_candidates = 500  # M: Hamming candidates re-ranked in hierarchical search.
-  config.eval.exclude_train = True
+  config.eval.paper_candidates = 500
+  config.eval.exclude_train = True  # standard protocol: drop known items from the ranking.
   config.eval.tie_seed = 0
   config.eval.user_chunk = 256  # Users scored at once: memory is O(user_chunk × items).
   config.eval.edge_chunk = 65_536  # Edges aggregated at once while encoding the full graph.
-  config.eval.every_steps = -1  # >0: also evaluate during training.
+  # >0: evaluate every so many steps on validation (keeping the best checkpoint by
+  # `best_metric`, which then gets the final test) or, without a validation split, on test.
+  config.eval.every_steps = -1
+  config.eval.best_metric = "hierarchical/hr@50"  # mode/metric of the first protocol.
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 1_000
@@ -140,8 +170,13 @@ def _check_positive(value, key):
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails fast, naming the key, on values the schema's types cannot rule out."""
   _check_choice(config.data.kind, data.VALID_KINDS, "data.kind")
-  if not 0.0 <= config.data.test_fraction < 1.0:
-    raise ValueError(f"config.data.test_fraction={config.data.test_fraction} must be in [0, 1).")
+  for key in ("test_fraction", "valid_fraction"):
+    if not 0.0 <= config.data[key] < 1.0:
+      raise ValueError(f"config.data.{key}={config.data[key]} must be in [0, 1).")
+  _check_choice(config.data.split, SPLITS, "data.split")
+  if config.data.split == "temporal":
+    _check_positive(config.data.train_days, "data.train_days")
+    _check_positive(config.data.test_days, "data.test_days")
   _check_choice(config.model.aggregator, AGGREGATORS, "model.aggregator")
   _check_choice(config.model.init, ("normal", "glorot"), "model.init")
   _check_choice(config.guidance.granularity, GRANULARITIES, "guidance.granularity")
@@ -150,6 +185,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice(config.loss.rank, RANK_LOSSES, "loss.rank")
   for mode in config.eval.modes:
     _check_choice(mode, EVAL_MODES, "eval.modes")
+  if not config.eval.protocols:
+    raise ValueError("config.eval.protocols is empty; use ('standard',), ('paper',) or both.")
+  for protocol in config.eval.protocols:
+    _check_choice(protocol, PROTOCOLS, "eval.protocols")
   if len(config.model.hidden_dims) != len(config.sampler.fanouts):
     raise ValueError(
         f"config.model.hidden_dims={tuple(config.model.hidden_dims)} needs one size per layer of "
@@ -159,15 +198,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for i, dim in enumerate(config.model.hidden_dims):
     _check_positive(dim, f"model.hidden_dims[{i}]")
   for key in ("sampler.num_negatives", "model.embed_dim", "model.hash_bits", "train.batch_size",
-              "train.learning_rate", "eval.num_candidates", "eval.user_chunk", "eval.edge_chunk"):
+              "train.learning_rate", "eval.num_candidates", "eval.paper_candidates",
+              "eval.user_chunk", "eval.edge_chunk"):
     group, field = key.split(".")
     _check_positive(config[group][field], key)
   for i, cutoff in enumerate(config.eval.cutoffs):
     _check_positive(cutoff, f"eval.cutoffs[{i}]")
-  if "hierarchical" in config.eval.modes and config.eval.num_candidates < max(config.eval.cutoffs):
-    raise ValueError(
-        f"config.eval.num_candidates={config.eval.num_candidates} must be >= the largest cutoff "
-        f"{max(config.eval.cutoffs)} for hierarchical search.")
+  for key in ("num_candidates", "paper_candidates"):
+    if "hierarchical" in config.eval.modes and config.eval[key] < max(config.eval.cutoffs):
+      raise ValueError(
+          f"config.eval.{key}={config.eval[key]} must be >= the largest cutoff "
+          f"{max(config.eval.cutoffs)} for hierarchical search.")
   if not 0.0 <= config.guidance.floor <= config.guidance.init <= 1.0:
     raise ValueError("config.guidance.floor <= config.guidance.init must both lie in [0, 1]; got "
                      f"{config.guidance.floor} and {config.guidance.init}.")

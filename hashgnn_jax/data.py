@@ -1,8 +1,9 @@
-"""Implicit-feedback interaction data sets and their per-user train/test split.
+"""Implicit-feedback interaction data sets and their per-user train/validation/test split.
 
-A data set is a set of unique (user, item) pairs split into train and test pairs. The split is
-made per user, as usual for top-k recommendation benchmarks: every user with at least two
-interactions contributes to both sides, so recall can be measured for (almost) every user.
+A data set is a set of unique (user, item) pairs split into train, validation and test pairs. The
+random split is made per user, as usual for top-k recommendation benchmarks: every user with at
+least two interactions contributes to both sides, so recall can be measured for (almost) every
+user. Real data sets are read, cleaned, split and cached by `prepare.py`.
 """
 
 import dataclasses
@@ -15,19 +16,24 @@ from hashgnn_jax import synthetic
 
 # What each file-backed kind reads from `config.data.path`, quoted in the missing-path error.
 _FILE_KINDS = {
-  "movielens": "a MovieLens ratings file (ratings.dat or ratings.csv)",
-  "gowalla": "a Gowalla check-in file (loc-gowalla_totalCheckins.txt format)",
-  "pinterest": "a Pinterest interaction file (pinterest-20 format of the NCF release)",
+  "movielens": "a MovieLens ratings file (ratings.dat, u.data or ratings.csv) or its folder",
+  "gowalla": "a LightGCN-format Gowalla folder (train.txt and test.txt) or adjacency file",
+  "pinterest": "a LightGCN-format Pinterest folder (train.txt and test.txt) or adjacency file",
   "alibaba": "a UserBehavior.csv-format file",
-  "lightgcn": "a directory holding LightGCN-format train.txt and test.txt",
-  "csv": "a CSV file of user,item pairs",
+  "lightgcn": "a folder holding LightGCN-format train.txt and test.txt, or one such file",
+  "csv": "a CSV, TSV or Parquet file of interactions (columns set by config.data.columns)",
 }
 VALID_KINDS = ("synthetic",) + tuple(_FILE_KINDS)
+_SIDES = ("train", "valid", "test")
+
+
+def _no_pairs() -> np.ndarray:
+  return np.zeros(0, dtype=np.int32)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-  """Train and test interactions, each a set of unique pairs sorted by (user, item)."""
+  """Train, validation and test interactions, each a set of unique pairs sorted by (user, item)."""
 
   name: str
   num_users: int
@@ -36,10 +42,15 @@ class Dataset:
   train_items: np.ndarray  # [E_train] int32
   test_users: np.ndarray  # [E_test] int32
   test_items: np.ndarray  # [E_test] int32
+  valid_users: np.ndarray = dataclasses.field(default_factory=_no_pairs)  # [E_valid] int32
+  valid_items: np.ndarray = dataclasses.field(default_factory=_no_pairs)  # [E_valid] int32
+  # Raw source ids of users [U] and items [I] (numbers or strings); None for generated data.
+  user_ids: np.ndarray | None = None
+  item_ids: np.ndarray | None = None
 
   def __post_init__(self):
     # Catch loader bugs here rather than as out-of-range gathers deep inside a jitted model.
-    for side in ("train", "test"):
+    for side in _SIDES:
       if getattr(self, f"{side}_users").shape != getattr(self, f"{side}_items").shape:
         raise ValueError(f"{side}_users and {side}_items must have the same shape")
       for field, bound in ((f"{side}_users", self.num_users), (f"{side}_items", self.num_items)):
@@ -48,11 +59,20 @@ class Dataset:
           raise ValueError(f"{field} must be a 1-D int32 array, got {ids.dtype} {ids.shape}")
         if ids.size and (ids.min() < 0 or ids.max() >= bound):
           raise ValueError(f"{field} must lie in [0, {bound}), got [{ids.min()}, {ids.max()}]")
+    for field, size in (("user_ids", self.num_users), ("item_ids", self.num_items)):
+      ids = getattr(self, field)
+      if ids is not None and ids.shape != (size,):
+        raise ValueError(f"{field} must have shape ({size},), got {ids.shape}")
 
   @property
   def num_train(self) -> int:
     """Number of training interactions."""
     return int(self.train_users.shape[0])
+
+  @property
+  def num_valid(self) -> int:
+    """Number of validation interactions."""
+    return int(self.valid_users.shape[0])
 
   @property
   def num_test(self) -> int:
@@ -61,19 +81,30 @@ class Dataset:
 
   def summary(self) -> dict:
     """Returns the headline counts of the data set as plain Python values."""
+    train_per_user = np.bincount(self.train_users, minlength=self.num_users)  # [U]
     train_per_item = np.bincount(self.train_items, minlength=self.num_items)  # [I]
-    test_per_item = np.bincount(self.test_items, minlength=self.num_items)  # [I]
     test_per_user = np.bincount(self.test_users, minlength=self.num_users)  # [U]
+    test_per_item = np.bincount(self.test_items, minlength=self.num_items)  # [I]
     return {
       "name": self.name,
       "users": self.num_users,
       "items": self.num_items,
       "train_interactions": self.num_train,
+      "valid_interactions": self.num_valid,
       "test_interactions": self.num_test,
+      "valid_users": int(np.count_nonzero(np.bincount(self.valid_users))),
       "test_users": int(np.count_nonzero(test_per_user)),
-      # Items without a training edge get no learned signal, which caps the reachable recall.
-      "test_only_items": int(np.count_nonzero((test_per_item > 0) & (train_per_item == 0))),
+      # Nodes without a training edge get no learned signal, which caps the reachable recall.
+      "users_only_in_test": int(np.count_nonzero((test_per_user > 0) & (train_per_user == 0))),
+      "items_only_in_test": int(np.count_nonzero((test_per_item > 0) & (train_per_item == 0))),
     }
+
+
+def split_seeds(seed: int) -> tuple[int, int, int]:
+  """Returns independent (graph, test split, validation split) seeds derived from one seed."""
+  # SeedSequence states are prefix-stable, so the first two match the earlier two-seed scheme.
+  graph_seed, test_seed, valid_seed = np.random.SeedSequence(seed).generate_state(3)
+  return int(graph_seed), int(test_seed), int(valid_seed)
 
 
 def split_per_user(
@@ -90,8 +121,8 @@ def split_per_user(
     raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
   if users.size and users.min() < 0:
     raise ValueError("users must be non-negative ids")
-  if users.size == 0:
-    return np.zeros(0, dtype=bool)
+  if users.size == 0 or test_fraction == 0:
+    return np.zeros(users.shape, dtype=bool)
 
   # A random permutation gives every pair a distinct random tiebreak, so sorting by (user,
   # tiebreak) shuffles each user's pairs uniformly; a pair's rank within its user decides its side.
@@ -118,8 +149,7 @@ def split_per_user(
 def _build_synthetic(data_config: ml_collections.ConfigDict) -> Dataset:
   """Generates the planted-community graph of `data_config.synthetic` and splits it."""
   cfg = data_config.synthetic
-  # Independent streams for the graph and the split, both fixed by the one configured seed.
-  graph_seed, split_seed = np.random.SeedSequence(data_config.seed).generate_state(2)
+  graph_seed, test_seed, valid_seed = split_seeds(data_config.seed)
   users, items = synthetic.generate_interactions(
     num_users=cfg.num_users,
     num_items=cfg.num_items,
@@ -128,20 +158,38 @@ def _build_synthetic(data_config: ml_collections.ConfigDict) -> Dataset:
     min_items_per_user=cfg.min_items_per_user,
     popularity_exponent=cfg.popularity_exponent,
     in_community_prob=cfg.in_community_prob,
-    seed=int(graph_seed),
+    seed=graph_seed,
   )
-  is_test = split_per_user(
-    users, items, test_fraction=data_config.test_fraction, seed=int(split_seed)
-  )
-  # Boolean selection keeps the (user, item) order of the generator on both sides.
+  valid_fraction = data_config.get("valid_fraction", 0.0)
+  if not 0 <= valid_fraction < 1:
+    raise ValueError(f"config.data.valid_fraction={valid_fraction} must be in [0, 1).")
+  is_test = split_per_user(users, items, test_fraction=data_config.test_fraction, seed=test_seed)
+  return with_validation("synthetic", cfg.num_users, cfg.num_items, users, items, is_test,
+                         valid_fraction=valid_fraction, valid_seed=valid_seed)
+
+
+def with_validation(name: str, num_users: int, num_items: int, users: np.ndarray,
+                    items: np.ndarray, is_test: np.ndarray, *, valid_fraction: float,
+                    valid_seed: int, **id_maps) -> Dataset:
+  """The Dataset of a test split, with `valid_fraction` of each user's training pairs held out.
+
+  Boolean selection keeps the pairs' (user, item) order on every side. `id_maps` passes
+  `user_ids` / `item_ids` through.
+  """
+  train_users, train_items = users[~is_test], items[~is_test]
+  is_valid = split_per_user(train_users, train_items, test_fraction=valid_fraction,
+                            seed=valid_seed)
   return Dataset(
-    name="synthetic",
-    num_users=cfg.num_users,
-    num_items=cfg.num_items,
-    train_users=users[~is_test],
-    train_items=items[~is_test],
+    name=name,
+    num_users=num_users,
+    num_items=num_items,
+    train_users=train_users[~is_valid],
+    train_items=train_items[~is_valid],
+    valid_users=train_users[is_valid],
+    valid_items=train_items[is_valid],
     test_users=users[is_test],
     test_items=items[is_test],
+    **id_maps,
   )
 
 
@@ -159,4 +207,7 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
     raise FileNotFoundError(f"config.data.path is empty: {hint}")
   if not os.path.exists(path):
     raise FileNotFoundError(f"config.data.path={path!r} does not exist: {hint}")
-  raise NotImplementedError(f"the loader for data kind {kind!r} is not built yet")
+  # Imported here because prepare.py builds on this module (Dataset, split_per_user).
+  from hashgnn_jax import prepare  # pylint: disable=g-import-not-at-top
+
+  return prepare.load_or_prepare(data_config)

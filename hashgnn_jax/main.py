@@ -21,6 +21,8 @@ flags.DEFINE_enum("mode", "train", ["train", "eval"],
                   "train: train (resuming from the workdir) then evaluate; eval: restore and "
                   "evaluate only.")
 flags.DEFINE_integer("step", None, "With --mode=eval: the checkpoint step (default: latest).")
+flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"],
+                  "With --mode=eval: the latest checkpoint (or --step), or the best by validation.")
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -41,7 +43,7 @@ def main(argv):
   if FLAGS.mode == "train":
     record = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   else:
-    record = train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)
+    record = train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step, FLAGS.checkpoint)
   if jax.process_index() == 0:
     print(reporting.format_table(record))
 

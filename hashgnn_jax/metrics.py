@@ -2,6 +2,8 @@
 
 `recall_at` is what the HashGNN paper reports as HR@n: the fraction of a user's test items found in
 the top n. `ndcg_at` is standard binary-relevance NDCG@n with the ideal ranking truncated at n.
+`retrieved_ndcg_at` is the authors' code's NDCG (the "paper" protocol), whose ideal ranking holds
+only the hits the retrieved list contains, which is why the paper's NDCG exceeds its HR.
 """
 
 from collections.abc import Mapping, Sequence
@@ -52,23 +54,40 @@ def recall_at(hits: np.ndarray, num_test: np.ndarray, n: int) -> np.ndarray:
   return hits[:, :n].sum(axis=1) / num_test
 
 
-def ndcg_at(hits: np.ndarray, num_test: np.ndarray, n: int) -> np.ndarray:
-  """Per-user NDCG@n with binary relevance; the ideal ranking has min(n, num_test) hits."""
+def _dcg_and_ideal(hits: np.ndarray, num_test: np.ndarray, n: int,
+                   ideal_hits: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """DCG@n [C] and the DCG of `ideal_hits` (default min(n, num_test)) hits at the top [C]."""
   hits = np.asarray(hits, dtype=bool)  # [C, w]
   num_test = np.asarray(num_test)  # [C]
   _check_cutoff(hits, num_test, n)
   discounts = 1.0 / np.log2(np.arange(n) + 2.0)  # [n]
-  dcg = hits[:, :n] @ discounts  # [C]
-  idcg = np.cumsum(discounts)[np.minimum(num_test, n) - 1]  # [C]
+  ideal_hits = np.minimum(num_test if ideal_hits is None else ideal_hits, n)  # [C]
+  return hits[:, :n] @ discounts, np.concatenate([[0.0], np.cumsum(discounts)])[ideal_hits]
+
+
+def ndcg_at(hits: np.ndarray, num_test: np.ndarray, n: int) -> np.ndarray:
+  """Per-user NDCG@n with binary relevance; the ideal ranking has min(n, num_test) hits."""
+  dcg, idcg = _dcg_and_ideal(hits, num_test, n)
   return dcg / idcg
 
 
+def retrieved_ndcg_at(hits: np.ndarray, num_test: np.ndarray, n: int) -> np.ndarray:
+  """The authors' NDCG@n: the ideal DCG has min(n, hits in the whole retrieved list) hits."""
+  dcg, idcg = _dcg_and_ideal(hits, num_test, n, np.asarray(hits, dtype=bool).sum(axis=1))
+  # A user with no retrieved hit has DCG 0; report 0 rather than 0/0.
+  return np.where(idcg > 0, dcg / np.maximum(idcg, 1e-12), 0.0)
+
+
 def ranking_metrics(
-  hits: np.ndarray, num_test: np.ndarray, cutoffs: Sequence[int] = (50, 100)
+  hits: np.ndarray, num_test: np.ndarray, cutoffs: Sequence[int] = (50, 100), *,
+  protocol: str = "standard",
 ) -> dict[str, np.ndarray]:
-  """Per-user "hr@n" and "ndcg@n" arrays for every cutoff n."""
+  """Per-user "hr@n" and "ndcg@n" arrays for every cutoff n, NDCG as the protocol defines it."""
+  if protocol not in ("standard", "paper"):
+    raise ValueError(f"Unknown protocol {protocol!r}; expected 'standard' or 'paper'.")
+  ndcg = ndcg_at if protocol == "standard" else retrieved_ndcg_at
   metrics = {f"hr@{n}": recall_at(hits, num_test, n) for n in cutoffs}
-  metrics.update({f"ndcg@{n}": ndcg_at(hits, num_test, n) for n in cutoffs})
+  metrics.update({f"ndcg@{n}": ndcg(hits, num_test, n) for n in cutoffs})
   return metrics
 
 

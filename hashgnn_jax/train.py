@@ -180,10 +180,45 @@ class Experiment:
     return checkpointing.Checkpointer(workdir, every_steps=self.config.checkpoint.every_steps,
                                       max_to_keep=self.config.checkpoint.max_to_keep)
 
-  def evaluate(self, params, step: int) -> dict:
-    return evaluate_lib.evaluate(self.model, params, self.graph, self.dataset.test_users,
-                                 self.dataset.test_items, self.config.eval, step=step,
-                                 split="test")
+  def best_checkpointer(self, workdir: str) -> checkpointing.Checkpointer:
+    """Keeps the checkpoint with the best validation `eval.best_metric`."""
+    return checkpointing.Checkpointer(workdir, every_steps=1, max_to_keep=1,
+                                      subdir="checkpoints_best", keep_best=True)
+
+  @property
+  def has_validation(self) -> bool:
+    return self.dataset.num_valid > 0
+
+  def evaluate(self, params, step: int, split: str = "test") -> dict:
+    """Evaluates on "valid" (training items known) or "test" (training + validation known)."""
+    if split == "valid":
+      users, items, known = self.dataset.valid_users, self.dataset.valid_items, self.graph
+    elif split == "test":
+      users, items = self.dataset.test_users, self.dataset.test_items
+      known = self.known_at_test
+    else:
+      raise ValueError(f"Unknown split {split!r}; expected 'valid' or 'test'.")
+    return evaluate_lib.evaluate(self.model, params, self.graph, users, items, self.config.eval,
+                                 step=step, split=split, known=known)
+
+  @functools.cached_property
+  def known_at_test(self) -> graph_lib.BipartiteGraph:
+    """Training plus validation pairs: what a test ranking must not count as new."""
+    if not self.has_validation:
+      return self.graph
+    d = self.dataset
+    return graph_lib.build_graph(np.concatenate([d.train_users, d.valid_users]),
+                                 np.concatenate([d.train_items, d.valid_items]),
+                                 d.num_users, d.num_items)
+
+  def selection_score(self, record: dict) -> float:
+    """The value of `eval.best_metric` ("mode/metric") in a record's first protocol."""
+    mode, name = self.config.eval.best_metric.split("/")
+    try:
+      return record["metrics"][mode][name]
+    except KeyError:
+      raise ValueError(f"config.eval.best_metric={self.config.eval.best_metric!r} names no "
+                       f"metric; available modes {sorted(record['metrics'])}.") from None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -210,6 +245,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      out_shardings=replicated)
   p_train_step = make_train_step(exp.model, exp.tx, config, exp.per_epoch, devices)
   config_dict = config.to_dict()
+  best = exp.best_checkpointer(workdir)
+
+  def periodic_eval(state, step):
+    """Validation (keeping the best) when the data has it; otherwise a look at test."""
+    split = "valid" if exp.has_validation else "test"
+    record = exp.evaluate(state.params, step, split)
+    if split == "valid":
+      best.save(step, state, config_dict, force=True, score=exp.selection_score(record))
+    if writer:
+      writer.write_eval(record)
+    logging.info("\n%s", reporting.format_table(record))
 
   step = int(state.step)
   epoch, edge_order, metrics = None, None, None
@@ -244,14 +290,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt.save(step, state, config_dict)
     every_eval = config.eval.every_steps
     if every_eval > 0 and step % every_eval == 0 and step < exp.num_steps:
-      record = exp.evaluate(state.params, step)
-      if writer:
-        writer.write_eval(record)
-      logging.info("\n%s", reporting.format_table(record))
+      periodic_eval(state, step)
 
   ckpt.save(step, state, config_dict, force=step not in ckpt.all_steps())
   ckpt.close()
-  record = exp.evaluate(state.params, step)
+  if not exp.has_validation:
+    record = exp.evaluate(state.params, step, "test")
+  else:
+    # The final state competes for "best" too; the test split is scored on the winner only.
+    if step not in best.all_steps():
+      periodic_eval(state, step)
+    best.wait()
+    best_step = best.best_step()
+    logging.info("Testing the best checkpoint by validation %s: step %d.",
+                 config.eval.best_metric, best_step)
+    best_state = best.restore(exp.abstract_state(), best_step)
+    record = exp.evaluate(best_state.params, best_step, "test")
+    record["checkpoint"] = "best"
+  best.close()
   if writer:
     writer.write_eval(record)
     writer.close()
@@ -259,13 +315,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        step: int | None = None) -> dict:
-  """Restores a checkpoint (latest if `step` is None) and evaluates it without training."""
+                        step: int | None = None, which: str = "latest") -> dict:
+  """Restores a checkpoint and evaluates it on test without training.
+
+  which="latest" takes `step` (latest if None) from WORKDIR/checkpoints; which="best" takes the
+  best-by-validation checkpoint from WORKDIR/checkpoints_best.
+  """
   exp = Experiment(config)
-  ckpt = exp.checkpointer(workdir)
+  if which not in ("latest", "best"):
+    raise ValueError(f"Unknown checkpoint choice {which!r}; expected 'latest' or 'best'.")
+  ckpt = exp.checkpointer(workdir) if which == "latest" else exp.best_checkpointer(workdir)
+  if which == "best":
+    step = ckpt.best_step()
+    if step is None:
+      raise FileNotFoundError(f"No best checkpoint under {ckpt.directory}: the run had no "
+                              "validation split (config.data.valid_fraction) or no evaluation.")
   state = ckpt.restore(exp.abstract_state(), step)
   ckpt.close()
-  record = exp.evaluate(state.params, int(state.step))
+  record = exp.evaluate(state.params, int(state.step), "test")
+  record["checkpoint"] = which
   if jax.process_index() == 0:
     writer = reporting.MetricsWriter(workdir)
     writer.write_eval(record)

@@ -1,4 +1,4 @@
-"""Tests for the per-user train/test split and the data set loader."""
+"""Tests for the per-user split, the Dataset container and the data set loader."""
 
 import ml_collections
 import numpy as np
@@ -133,13 +133,59 @@ def test_load_synthetic_end_to_end():
   assert dataset.num_train + dataset.num_test == train.size + test.size
   assert 0.15 < dataset.num_test / (dataset.num_train + dataset.num_test) < 0.3
 
+  assert dataset.num_valid == 0 and dataset.valid_users.dtype == np.int32
+  assert dataset.user_ids is None and dataset.item_ids is None
+
   summary = dataset.summary()
   assert summary["users"] == 120 and summary["items"] == 80
   assert summary["train_interactions"] == dataset.num_train
   assert summary["test_interactions"] == dataset.num_test
+  assert summary["valid_interactions"] == summary["valid_users"] == 0
   assert summary["test_users"] == 120
+  assert summary["users_only_in_test"] == 0
   expected_test_only = np.setdiff1d(dataset.test_items, dataset.train_items).size
-  assert summary["test_only_items"] == expected_test_only
+  assert summary["items_only_in_test"] == expected_test_only
+
+
+def test_synthetic_validation_comes_from_train_only():
+  plain = data.load_dataset(_synthetic_config())
+  dataset = data.load_dataset(_synthetic_config(valid_fraction=0.25))
+  # The validation split has its own seed, so the test split is the same with or without it.
+  np.testing.assert_array_equal(dataset.test_users, plain.test_users)
+  np.testing.assert_array_equal(dataset.test_items, plain.test_items)
+  train = _pair_keys(dataset.train_users, dataset.train_items, 80)
+  valid = _pair_keys(dataset.valid_users, dataset.valid_items, 80)
+  np.testing.assert_array_equal(
+    np.sort(np.concatenate([train, valid])), _pair_keys(plain.train_users, plain.train_items, 80)
+  )
+  assert np.all(np.diff(valid) > 0)
+  per_user = np.bincount(plain.train_users, minlength=120)
+  expected = [_expected_test_count(n, 0.25) for n in per_user]
+  np.testing.assert_array_equal(np.bincount(dataset.valid_users, minlength=120), expected)
+  assert dataset.summary()["valid_users"] == np.count_nonzero(expected)
+
+
+def test_split_seeds_keep_the_earlier_streams():
+  # The graph and test seeds match the two-seed scheme that earlier results were produced with.
+  np.testing.assert_array_equal(
+    data.split_seeds(0)[:2], np.random.SeedSequence(0).generate_state(2)
+  )
+  assert len(set(data.split_seeds(0))) == 3
+
+
+def test_summary_counts_nodes_only_in_test():
+  ids = np.array([0, 1], dtype=np.int32)
+  dataset = data.Dataset(
+    name="tiny",
+    num_users=3,
+    num_items=3,
+    train_users=ids[:1],
+    train_items=ids[:1],
+    test_users=np.array([0, 2], dtype=np.int32),
+    test_items=np.array([1, 2], dtype=np.int32),
+  )
+  summary = dataset.summary()
+  assert summary["users_only_in_test"] == 1 and summary["items_only_in_test"] == 2
 
 
 def test_load_synthetic_splits_exactly_the_generated_graph(monkeypatch):
@@ -184,6 +230,29 @@ def test_dataset_rejects_out_of_range_ids():
       test_users=ids[:0],
       test_items=ids[:0],
     )
+  with pytest.raises(ValueError, match="valid_users"):
+    data.Dataset(
+      name="bad",
+      num_users=1,
+      num_items=2,
+      train_users=ids[:1],
+      train_items=ids[:1],
+      test_users=ids[:0],
+      test_items=ids[:0],
+      valid_users=ids,
+      valid_items=ids,
+    )
+  with pytest.raises(ValueError, match=r"item_ids must have shape \(2,\)"):
+    data.Dataset(
+      name="bad",
+      num_users=2,
+      num_items=2,
+      train_users=ids,
+      train_items=ids,
+      test_users=ids[:0],
+      test_items=ids[:0],
+      item_ids=np.arange(3),
+    )
 
 
 @pytest.mark.parametrize(
@@ -204,11 +273,13 @@ def test_missing_file_names_the_path(tmp_path):
   assert "config.data.path" in message and "alibaba" in message and missing in message
 
 
-def test_existing_file_kind_is_not_built_yet(tmp_path):
+def test_file_kind_loads_with_partial_config(tmp_path):
+  # Settings missing from a hand-made config take the schema defaults.
   path = tmp_path / "ratings.dat"
-  path.write_text("1::2::5::0\n")
-  with pytest.raises(NotImplementedError, match="movielens"):
-    data.load_dataset(ml_collections.ConfigDict({"kind": "movielens", "path": str(path)}))
+  path.write_text("".join(f"{u}::{i}::5::0\n" for u in range(3) for i in range(10)))
+  dataset = data.load_dataset(ml_collections.ConfigDict({"kind": "movielens", "path": str(path)}))
+  assert (dataset.num_users, dataset.num_items, dataset.num_test) == (3, 10, 9)
+  np.testing.assert_array_equal(dataset.user_ids, [0, 1, 2])
 
 
 def test_unknown_kind_lists_valid_kinds():

@@ -105,3 +105,22 @@ def test_hit_matrix_matches_set_reference():
 def test_hit_matrix_without_test_pairs():
   hits = metrics.hit_matrix(_RANKED, _USER_IDS, np.array([], int), np.array([], int), _NUM_ITEMS)
   np.testing.assert_array_equal(hits, np.zeros((2, 4), dtype=bool))
+
+
+def test_retrieved_ndcg_hand_worked():
+  # Hits at ranks 2 and 4 of a 4-long list; 5 test items. Ideal: 2 retrieved hits at ranks 1, 2.
+  hits = np.array([[False, True, False, True], [False, False, False, False]])
+  num_test = np.array([5, 3])
+  dcg = 1 / np.log2(3) + 1 / np.log2(5)
+  idcg = 1 / np.log2(2) + 1 / np.log2(3)
+  np.testing.assert_allclose(metrics.retrieved_ndcg_at(hits, num_test, 4), [dcg / idcg, 0.0])
+  # At n = 2 only one ideal hit counts: min(2, 2) = 2 hits, DCG has one.
+  np.testing.assert_allclose(metrics.retrieved_ndcg_at(hits, num_test, 2),
+                             [(1 / np.log2(3)) / idcg, 0.0])
+  # The standard NDCG's ideal uses min(n, 5) = 4 hits, so it is lower.
+  assert metrics.ndcg_at(hits, num_test, 4)[0] < metrics.retrieved_ndcg_at(hits, num_test, 4)[0]
+  paper = metrics.ranking_metrics(hits, num_test, (2, 4), protocol="paper")
+  np.testing.assert_allclose(paper["ndcg@4"], [dcg / idcg, 0.0])
+  np.testing.assert_allclose(paper["hr@4"], [2 / 5, 0.0])
+  with pytest.raises(ValueError, match="protocol"):
+    metrics.ranking_metrics(hits, num_test, (2,), protocol="other")

@@ -201,3 +201,21 @@ def test_checkpoint_restore_missing_dir(tmp_path):
   with pytest.raises(FileNotFoundError, match="No checkpoint found"):
     ckpt.restore({})
   ckpt.close()
+
+
+def test_validation_selects_best_checkpoint_for_test(tmp_path):
+  config = _config(train__num_devices=2, data__valid_fraction=0.1, eval__every_steps=200)
+  workdir = str(tmp_path)
+  record = train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    valid = [r for r in map(json.loads, f) if r["split"] == "valid"]
+  assert [r["step"] for r in valid] == [200, 400, 600]
+  scores = [r["metrics"]["hierarchical"]["hr@50"] for r in valid]
+  assert record["split"] == "test" and record["checkpoint"] == "best"
+  assert record["step"] == valid[int(np.argmax(scores))]["step"]
+  again = train.evaluate_checkpoint(config, workdir, which="best")
+  assert again["step"] == record["step"] and again["metrics"] == record["metrics"]
+  # Both protocols are recorded; the paper one ranks known items too, so it differs.
+  assert set(record["by_protocol"]) == {"standard", "paper"}
+  assert record["by_protocol"]["standard"] == record["metrics"]
+  assert record["by_protocol"]["paper"] != record["metrics"]

@@ -38,10 +38,6 @@ class BipartiteGraph:
   def degrees(self) -> np.ndarray:
     return np.diff(self.indptr)
 
-  @property
-  def max_degree(self) -> int:
-    return int(self.degrees.max(initial=0))
-
   def item_degrees(self) -> np.ndarray:
     """Training interactions per item: the popularity baseline's score."""
     return self.degrees[self.num_users:]

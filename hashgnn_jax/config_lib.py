@@ -17,6 +17,8 @@ RANK_LOSSES = ("hinge", "bpr")
 EVAL_MODES = ("hamming", "hierarchical", "continuous")
 PROTOCOLS = ("standard", "paper")
 SPLITS = ("random", "published", "temporal")
+SAMPLER_MODES = ("node", "tree")
+EMBEDDING_UPDATES = ("rowwise", "dense")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -62,6 +64,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Neighbours sampled with replacement per node: first hop, then second hop.
   config.sampler.fanouts = (10, 5)
   config.sampler.num_negatives = 5  # Paper: 5 triplets per positive.
+  # node: distinct nodes sample once per hop and are computed once (GraphSAGE minibatch);
+  # tree: every target gets its own sampled tree (authors' code). sampler.py has the details.
+  config.sampler.mode = "node"
 
   config.model = ml_collections.ConfigDict()
   config.model.embed_dim = 64  # Learned ID embedding (the public data sets have no attributes).
@@ -101,6 +106,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 256  # Positive edges per step, across all devices.
   config.train.learning_rate = 1e-3
+  # rowwise: lazy Adam on the embedding rows a step touches, so a step's cost does not grow with
+  # the catalogue (optim.py has the semantics); dense: optax Adam over the whole table.
+  config.train.embedding_update = "rowwise"
   config.train.num_epochs = 4.0  # Over the training edges; fractional values allowed.
   config.train.num_steps = -1  # >0 overrides num_epochs.
   config.train.num_devices = -1  # -1: all local devices.
@@ -149,6 +157,7 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
   config.guidance.transition_steps = -2
   config.guidance.floor = 0.0
   config.sampler.num_negatives = 10
+  config.sampler.mode = "tree"
   config.loss.cross_weight = 0.1
   config.loss.rank = "bpr"
   config.loss.rank_weight = 1.0
@@ -183,6 +192,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice(config.guidance.schedule, SCHEDULES, "guidance.schedule")
   _check_choice(config.loss.logit_scale, LOGIT_SCALES, "loss.logit_scale")
   _check_choice(config.loss.rank, RANK_LOSSES, "loss.rank")
+  _check_choice(config.sampler.mode, SAMPLER_MODES, "sampler.mode")
+  _check_choice(config.train.embedding_update, EMBEDDING_UPDATES, "train.embedding_update")
   for mode in config.eval.modes:
     _check_choice(mode, EVAL_MODES, "eval.modes")
   if not config.eval.protocols:

@@ -92,6 +92,10 @@ class DeviceGraph:
   # Binary-search depth for the negative sampler: enough for the largest user row.
   search_steps: int = dataclasses.field(metadata=dict(static=True))
 
+  @property
+  def num_nodes(self) -> int:
+    return self.num_users + self.num_items
+
 
 def to_device(graph: BipartiteGraph, sharding: jax.sharding.Sharding | None = None) -> DeviceGraph:
   """Places the CSR on device(s) once; the train step reads it without host work."""
@@ -152,3 +156,29 @@ def layer_sizes(num_targets: int, fanouts: tuple[int, ...]) -> list[tuple[int, i
     kept_hops = len(fanouts) - layer
     sizes.append((sum(hop_sizes[:kept_hops]), sum(hop_sizes[1:kept_hops + 1])))
   return sizes
+
+
+def unique_nodes(ids: jax.Array, valid: jax.Array, num_nodes: int,
+                 size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The distinct valid ids in first-occurrence order, padded to a static size.
+
+  ids, valid [n] -> (unique ids [size], padded with `num_nodes`; unique_valid [size];
+  inverse [n], the slot of each valid id in the unique list, 0 for invalid entries).
+  Needs size >= the number of distinct valid ids (min(n, num_nodes) always suffices).
+
+  A scatter-min of positions into a [num_nodes + 1] scratch array finds first occurrences: an
+  O(num_nodes) memset with a tiny constant, where a sort of the ids (jnp.unique) ran 15x slower
+  on CPU at 300k ids.
+  """
+  n = ids.shape[0]
+  positions = jnp.arange(n, dtype=jnp.int32)
+  keys = jnp.where(valid, ids, num_nodes)  # Invalid entries share the spare slot num_nodes.
+  first = jnp.full((num_nodes + 1,), n, jnp.int32).at[keys].min(positions)  # [N + 1]
+  representative = first[keys]  # [n] position of each id's first occurrence
+  is_first = (representative == positions) & valid
+  rank = jnp.cumsum(is_first.astype(jnp.int32)) - 1  # [n] slot of each first occurrence
+  inverse = jnp.where(valid, rank[representative], 0)
+  slots = jnp.where(is_first, rank, size)  # Out of range: dropped.
+  unique = jnp.full((size,), num_nodes, jnp.int32).at[slots].set(ids, mode="drop")
+  count = jnp.sum(is_first)
+  return unique, jnp.arange(size) < count, inverse

@@ -18,6 +18,7 @@ from hashgnn_jax import evaluate as evaluate_lib
 from hashgnn_jax import graph as graph_lib
 from hashgnn_jax import losses
 from hashgnn_jax import model as model_lib
+from hashgnn_jax import optim
 from hashgnn_jax import reporting
 from hashgnn_jax import sampler
 
@@ -69,15 +70,37 @@ def create_optimizer(train_config) -> optax.GradientTransformation:
   return optax.adam(train_config.learning_rate)
 
 
+def split_embedding(params) -> tuple[jax.Array, dict]:
+  """(the ID-embedding table [N, E], every other parameter)."""
+  dense = {k: v for k, v in params.items() if k != "embedding"}
+  return params["embedding"]["embedding"], dense
+
+
+def join_embedding(table: jax.Array, dense: dict) -> dict:
+  return {**dense, "embedding": {"embedding": table}}
+
+
 def create_train_state(model: model_lib.HashGNN, tx: optax.GradientTransformation,
-                       rng: jax.Array) -> TrainState:
-  """Initial parameters (from a one-node dummy tree) and optimizer state."""
+                       rng: jax.Array, embedding_update: str = "rowwise") -> TrainState:
+  """Initial parameters (from a one-node dummy tree) and optimizer state.
+
+  With row-wise updates, `tx` optimises every parameter but the table, whose Adam moments live in
+  an `optim.RowAdamState`; with dense updates `tx` optimises everything.
+  """
   num_layers = len(model.hidden_dims)
   dummy = graph_lib.sampled_tree_graph(
       jnp.zeros((1 + num_layers,), jnp.int32),
       jnp.zeros((num_layers,), bool), 1, (1,) * num_layers)
   params = model.init(rng, dummy, 1, (1,) * num_layers)["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  if embedding_update == "dense":
+    opt_state = tx.init(params)
+  elif embedding_update == "rowwise":
+    table, dense = split_embedding(params)
+    opt_state = {"dense": tx.init(dense), "rows": optim.row_adam_init(table)}
+  else:
+    raise ValueError(f"config.train.embedding_update={embedding_update!r} is not one of "
+                     f"{config_lib.EMBEDDING_UPDATES}.")
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
 
 
 def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
@@ -101,29 +124,77 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
   share = config.guidance.share_positive_draw and config.guidance.granularity == "node"
   schedule = create_guidance_schedule(config.guidance, per_epoch)
 
+  node_mode = config.sampler.mode == "node"
+  rowwise = config.train.embedding_update == "rowwise"
+  learning_rate = config.train.learning_rate
+
+  def sample(graph, edge_ids, keys, sample_key):
+    """The batch's sample and the embedding rows it reads: (sample, ids [S], valid [S])."""
+    if node_mode:
+      blocks = sampler.sample_blocks(graph, edge_ids, keys, sample_key, fanouts=fanouts,
+                                     num_negatives=num_negatives)
+      return blocks, blocks.nodes, blocks.valid
+    trees = sampler.sample_batch(graph, edge_ids, keys, fanouts=fanouts,
+                                 num_negatives=num_negatives)
+    if not rowwise:
+      return trees, None, None
+    # The trees repeat nodes; differentiate each distinct row once.
+    ids, valid, slots = graph_lib.unique_nodes(trees.nodes, jnp.ones(trees.nodes.shape, bool),
+                                               graph.num_nodes,
+                                               min(trees.nodes.shape[0], graph.num_nodes))
+    return (trees, slots), ids, valid
+
+  def codes(params, batch, rows):
+    """z [b·(2+T), K] of the batch's targets; rows [S, E] are the touched rows (row-wise)."""
+    if node_mode:
+      return model.apply({"params": params}, batch, rows, method=model_lib.HashGNN.encode_blocks)
+    if rows is None:
+      return model.apply({"params": params}, batch, num_targets, fanouts)
+    trees, slots = batch
+    return model.apply({"params": params}, trees, num_targets, fanouts, rows[slots])
+
   def train_step(state, graph, edge_order, rng, shard_id):
     within = shard_id * local + jnp.arange(local, dtype=jnp.int32)  # Position in global batch.
     edge_ids = edge_order[(state.step % per_epoch) * batch_size + within]
     sample_key, guide_key = jax.random.split(jax.random.fold_in(rng, state.step))
-    trees = sampler.sample_batch(graph, edge_ids, sampler.example_keys(sample_key, within),
-                                 fanouts=fanouts, num_negatives=num_negatives)
+    batch, row_ids, row_valid = sample(graph, edge_ids, sampler.example_keys(sample_key, within),
+                                       sample_key)
     p = schedule(state.step)
     keep = sampler.draw_keep_continuous(sampler.example_keys(guide_key, within), p,
                                         num_negatives=num_negatives, width=width,
                                         share_positive=share)
 
-    def loss_fn(params):
-      z = model.apply({"params": params}, trees, num_targets, fanouts)
-      codes = model_lib.guided_codes(z, keep)
-      return losses.hashgnn_loss(codes, local, config.loss, model.hash_bits)
+    def loss_fn(params, rows=None):
+      z = codes(params, batch, rows)
+      return losses.hashgnn_loss(model_lib.guided_codes(z, keep), local, config.loss,
+                                 model.hash_bits)
 
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+    if rowwise:
+      table, dense = split_embedding(state.params)
+      # Padding slots read zeros and get no update (their ids lie past the table).
+      row_ids = jnp.where(row_valid, row_ids, graph.num_nodes)
+      rows = table.at[row_ids].get(mode="fill", fill_value=0)  # [S, E]
+      (grads, row_grads), metrics = jax.grad(
+          lambda d, r: loss_fn(join_embedding(table, d), r), argnums=(0, 1),
+          has_aux=True)(dense, rows)
+      row_ids, row_grads = optim.combine_row_grads(row_ids, row_grads, graph.num_nodes, AXIS)
+      table, rows_state = optim.row_adam_update(table, state.opt_state["rows"], row_ids,
+                                                row_grads, learning_rate=learning_rate)
+    else:
+      dense = state.params
+      grads, metrics = jax.grad(loss_fn, has_aux=True)(dense)
     # Each device's loss is a mean over its equal share, so the mean of gradients is the
     # gradient of the global-batch mean.
     grads = jax.lax.pmean(grads, AXIS)
     metrics = jax.lax.pmean(metrics, AXIS)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    dense_state = state.opt_state["dense"] if rowwise else state.opt_state
+    updates, dense_state = tx.update(grads, dense_state, dense)
+    params = optax.apply_updates(dense, updates)
+    if rowwise:
+      params = join_embedding(table, params)
+      opt_state = {"dense": dense_state, "rows": rows_state}
+    else:
+      opt_state = dense_state
     metrics["guidance_p"] = jnp.asarray(p, jnp.float32)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -170,10 +241,12 @@ class Experiment:
 
   def initial_state(self) -> TrainState:
     with jax.default_device(self.devices[0]):
-      return create_train_state(self.model, self.tx, self.init_rng)
+      return create_train_state(self.model, self.tx, self.init_rng,
+                                self.config.train.embedding_update)
 
   def abstract_state(self):
-    shapes = jax.eval_shape(lambda: create_train_state(self.model, self.tx, self.init_rng))
+    shapes = jax.eval_shape(lambda: create_train_state(self.model, self.tx, self.init_rng,
+                                                       self.config.train.embedding_update))
     return checkpointing.abstract_like(shapes, self.devices[0])
 
   def checkpointer(self, workdir: str) -> checkpointing.Checkpointer:

@@ -110,3 +110,66 @@ def test_epoch_order_is_a_permutation_that_changes_by_epoch():
   np.testing.assert_array_equal(np.sort(first), np.arange(50))
   assert not np.array_equal(first, np.asarray(sampler.epoch_order(key, 1, 50)))
   np.testing.assert_array_equal(first, np.asarray(sampler.epoch_order(key, 0, 50)))
+
+
+def test_hashed_neighbours_are_real_and_depend_only_on_node_and_seed():
+  graph, _ = _random_graph(num_users=30, num_items=20, num_pairs=80, seed=3)
+  device_graph = graph_lib.to_device(graph)
+  neighbours = _neighbour_sets(graph)
+  nodes = jnp.arange(graph.num_nodes, dtype=jnp.int32)
+  valid = jnp.ones(nodes.shape, bool)
+  seed = jnp.uint32(12345)
+  drawn, mask = sampler.hashed_neighbours(device_graph, nodes, valid, 6, seed)
+  for v, row, row_mask in zip(np.asarray(nodes), np.asarray(drawn), np.asarray(mask)):
+    if neighbours[v]:
+      assert row_mask.all() and set(row.tolist()) <= neighbours[v]
+    else:
+      assert not row_mask.any() and (row == v).all()
+  # The same node draws the same neighbours wherever it sits in the batch.
+  shuffled = jnp.asarray(np.random.default_rng(0).permutation(graph.num_nodes), jnp.int32)
+  again, _ = sampler.hashed_neighbours(device_graph, shuffled, valid, 6, seed)
+  np.testing.assert_array_equal(np.asarray(again), np.asarray(drawn)[np.asarray(shuffled)])
+  other, _ = sampler.hashed_neighbours(device_graph, nodes, valid, 6, jnp.uint32(7))
+  assert (np.asarray(other) != np.asarray(drawn)).any()
+
+
+def test_hashed_neighbours_are_uniform():
+  # A user linked to all 20 items (nodes 1..20), drawn 20 at a time under 1000 seeds.
+  graph = graph_lib.to_device(graph_lib.build_graph(np.zeros(20, np.int64), np.arange(20), 1, 20))
+  draw = jax.vmap(lambda seed: sampler.hashed_neighbours(
+      graph, jnp.zeros(1, jnp.int32), jnp.ones(1, bool), 20, seed)[0][0])
+  rows = np.asarray(draw(jnp.arange(1000, dtype=jnp.uint32)))  # [1000, 20]
+  freq = np.bincount(rows.ravel() - 1, minlength=20) / rows.size
+  np.testing.assert_allclose(freq, 1 / 20, atol=0.01)  # ~6 standard deviations.
+
+
+def test_sample_blocks_nest_sets_and_point_at_real_neighbours():
+  graph, _ = _random_graph(num_users=40, num_items=25, num_pairs=120)
+  device_graph = graph_lib.to_device(graph)
+  neighbours = _neighbour_sets(graph)
+  fanouts, num_negatives, b = (4, 3), 5, 16
+  edge_ids = jnp.arange(b, dtype=jnp.int32) * 3
+  keys = sampler.example_keys(jax.random.PRNGKey(0), jnp.arange(b))
+  blocks = sampler.sample_blocks(device_graph, edge_ids, keys, jax.random.PRNGKey(5),
+                                 fanouts=fanouts, num_negatives=num_negatives)
+  trees = sampler.sample_batch(device_graph, edge_ids, keys, fanouts=fanouts,
+                               num_negatives=num_negatives)
+  nodes, valid = np.asarray(blocks.nodes), np.asarray(blocks.valid)
+  num_valid = int(valid.sum())
+  assert valid[:num_valid].all() and not valid[num_valid:].any()
+  assert len(set(nodes[:num_valid].tolist())) == num_valid  # Distinct.
+  assert (nodes[num_valid:] == graph.num_nodes).all()
+  # Targets: the same roots as the tree sampler, in the same layout.
+  targets = b * (2 + num_negatives)
+  np.testing.assert_array_equal(nodes[np.asarray(blocks.targets)],
+                                np.asarray(trees.nodes)[:targets])
+  # Each hop's neighbour slots name real neighbours of the set's nodes; sets are prefixes.
+  for hop_neighbours, hop_mask in zip(blocks.neighbours, blocks.masks):
+    hop_neighbours, hop_mask = np.asarray(hop_neighbours), np.asarray(hop_mask)
+    set_size = hop_neighbours.shape[0]
+    for v, slots, m in zip(nodes[:set_size], hop_neighbours, hop_mask):
+      if v == graph.num_nodes:
+        assert not m.any()
+        continue
+      for slot, ok in zip(slots, m):
+        assert not ok or nodes[slot] in neighbours[v]

@@ -49,14 +49,20 @@ def experiment():
   return train.Experiment(_config())
 
 
-def test_four_devices_match_one_device(experiment):
+@pytest.mark.parametrize("mode,update", [("node", "rowwise"), ("tree", "rowwise"),
+                                         ("node", "dense")])
+def test_four_devices_match_one_device(experiment, mode, update):
   assert jax.local_device_count() >= 4
+  if (mode, update) != (experiment.config.sampler.mode, experiment.config.train.embedding_update):
+    experiment = train.Experiment(_config(sampler__mode=mode, train__embedding_update=update))
   one_state, one_metrics, _ = _run_steps(experiment, jax.local_devices()[:1], 2)
   four_state, four_metrics, _ = _run_steps(experiment, jax.local_devices()[:4], 2)
   assert int(one_state.step) == int(four_state.step) == 2
   for name in one_metrics:
     np.testing.assert_allclose(four_metrics[name], one_metrics[name], rtol=1e-5, atol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+  # Adam divides by the gradient's own scale, so the summation order's float noise in a near-zero
+  # gradient moves a row by up to ~1e-3 of a step (lr 1e-2 here); a real error moves it ~lr.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                one_state.params, four_state.params)
 
 

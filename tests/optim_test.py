@@ -1,0 +1,114 @@
+"""Row-wise (lazy) Adam against optax's dense Adam, and the row bookkeeping around it."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from hashgnn_jax import graph as graph_lib
+from hashgnn_jax import optim
+
+LR = 0.05
+
+
+def _dense_adam_steps(table, grads_per_step):
+  tx = optax.adam(LR)
+  state = tx.init(table)
+  for grads in grads_per_step:
+    updates, state = tx.update(grads, state, table)
+    table = optax.apply_updates(table, updates)
+  return table
+
+
+def test_every_row_touched_equals_dense_adam():
+  rng = np.random.default_rng(0)
+  table = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+  grads = [jnp.asarray(rng.normal(size=(6, 3)), jnp.float32) for _ in range(4)]
+  state = optim.row_adam_init(table)
+  rows = table
+  for g in grads:
+    # All rows, in a shuffled order: the update must not depend on the order of ids.
+    ids = jnp.asarray(rng.permutation(6), jnp.int32)
+    rows, state = optim.row_adam_update(rows, state, ids, g[ids], learning_rate=LR)
+  np.testing.assert_allclose(rows, _dense_adam_steps(table, grads), rtol=1e-6, atol=1e-7)
+  assert int(state.count) == 4
+
+
+def test_untouched_rows_and_moments_stay_put():
+  rng = np.random.default_rng(1)
+  table = jnp.asarray(rng.normal(size=(5, 2)), jnp.float32)
+  g1 = jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)
+  g2 = jnp.asarray(rng.normal(size=(2, 2)), jnp.float32)
+  state = optim.row_adam_init(table)
+  # Step 1 touches rows 0, 2, 4; step 2 touches rows 0, 2 plus one padding slot (id 5 = R).
+  after1, state1 = optim.row_adam_update(table, state, jnp.array([0, 2, 4]), g1, learning_rate=LR)
+  ids2 = jnp.array([2, 5, 0])
+  grads2 = jnp.stack([g2[1], jnp.full((2,), 7.0), g2[0]])
+  after2, state2 = optim.row_adam_update(after1, state1, ids2, grads2, learning_rate=LR)
+
+  np.testing.assert_array_equal(after1[np.array([1, 3])], table[np.array([1, 3])])
+  np.testing.assert_array_equal(after2[np.array([1, 3, 4])], after1[np.array([1, 3, 4])])
+  np.testing.assert_array_equal(state2.mu[4], state1.mu[4])
+  np.testing.assert_array_equal(state2.nu[4], state1.nu[4])
+  np.testing.assert_array_equal(state1.mu[np.array([1, 3])], 0.0)
+  # Rows 0 and 2 saw both steps: dense Adam on just those rows gives the same values.
+  expected = _dense_adam_steps(table[np.array([0, 2])], [g1[:2], g2])
+  np.testing.assert_allclose(after2[np.array([0, 2])], expected, rtol=1e-6, atol=1e-7)
+  # Row 4, touched once: one Adam step from its initial value.
+  np.testing.assert_allclose(after2[4], _dense_adam_steps(table[4:5], [g1[2:3]])[0], rtol=1e-6)
+
+
+def _numpy_unique(ids, valid):
+  seen, order = {}, []
+  for i, ok in zip(ids, valid):
+    if ok and i not in seen:
+      seen[i] = len(order)
+      order.append(i)
+  return order, [seen[i] if ok else 0 for i, ok in zip(ids, valid)]
+
+
+def test_unique_nodes_matches_first_occurrence_order():
+  rng = np.random.default_rng(2)
+  ids = rng.integers(0, 20, size=60).astype(np.int32)
+  valid = rng.random(60) < 0.8
+  order, inverse = _numpy_unique(ids.tolist(), valid.tolist())
+  fn = jax.jit(functools.partial(graph_lib.unique_nodes, num_nodes=20, size=20))
+  unique, unique_valid, got_inverse = fn(jnp.asarray(ids), jnp.asarray(valid))
+  count = len(order)
+  np.testing.assert_array_equal(unique[:count], order)
+  np.testing.assert_array_equal(unique[count:], 20)  # Padding id = num_nodes.
+  np.testing.assert_array_equal(unique_valid, np.arange(20) < count)
+  np.testing.assert_array_equal(got_inverse, inverse)
+  np.testing.assert_array_equal(np.asarray(unique)[np.asarray(got_inverse)][valid], ids[valid])
+
+
+def test_combine_row_grads_sums_over_devices_and_averages():
+  num_devices, rows, dim = 4, 10, 3
+  rng = np.random.default_rng(3)
+  # Each device: 5 distinct ids (some shared across devices) or padding (= rows).
+  ids = np.full((num_devices, 5), rows, np.int32)
+  grads = rng.normal(size=(num_devices, 5, dim)).astype(np.float32)
+  for d in range(num_devices):
+    count = rng.integers(1, 6)
+    ids[d, :count] = rng.choice(rows, size=count, replace=False)
+  combine = jax.pmap(
+      lambda i, g: optim.combine_row_grads(i, g, rows, "devices"), axis_name="devices",
+      devices=jax.local_devices()[:num_devices])
+  out_ids, out_grads = combine(jnp.asarray(ids), jnp.asarray(grads))
+
+  expected = np.zeros((rows, dim), np.float32)
+  for d in range(num_devices):
+    for slot in range(5):
+      if ids[d, slot] < rows:
+        expected[ids[d, slot]] += grads[d, slot]
+  expected /= num_devices
+  touched = sorted(set(ids[ids < rows].tolist()))
+  for d in range(num_devices):  # Every device holds the same combined rows.
+    got_ids = np.asarray(out_ids[d])
+    real = got_ids < rows
+    assert sorted(got_ids[real].tolist()) == touched
+    np.testing.assert_allclose(np.asarray(out_grads[d])[real], expected[got_ids[real]],
+                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(out_grads[d])[~real], 0.0)

@@ -1,11 +1,16 @@
 """Tests for the planted-community synthetic interaction generator."""
 
 import itertools
+import pathlib
+import sys
 
 import numpy as np
 import pytest
 
-from hashgnn_jax import synthetic
+from hashgnn_jax import config_lib, synthetic
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from configs import alibaba  # pylint: disable=g-import-not-at-top
 
 _SMALL = {
   "num_users": 300,
@@ -153,6 +158,67 @@ def test_sampling_matches_sequential_without_replacement():
     expected[[first, second]] += prob
   observed = np.bincount(items, minlength=5) / config["num_users"]
   np.testing.assert_allclose(observed, expected, atol=0.015)
+
+
+def test_search_cdf_matches_searchsorted():
+  rng = np.random.default_rng(0)
+  # Zero weights repeat CDF values, and targets equal to CDF values probe side="right".
+  cdf = np.cumsum(rng.integers(0, 3, size=50).astype(np.float64))
+  targets = np.concatenate([rng.uniform(0, cdf[-1], size=1000), cdf[:20], [0.0, cdf[-1]]])
+  np.testing.assert_array_equal(
+    synthetic._search_cdf(cdf, targets), np.searchsorted(cdf, targets, side="right")
+  )
+
+
+def _alibaba_shaped(scale):
+  """Returns the generator arguments of configs/alibaba.py:synthetic, shrunk by `scale`."""
+  # Communities shrink in number, not size, so users collide inside them as often as at full size.
+  kwargs = alibaba.get_config("synthetic").data.synthetic.to_dict()
+  for key in ("num_users", "num_items", "num_communities"):
+    kwargs[key] //= scale
+  return kwargs
+
+
+def test_alibaba_shaped_graph_at_small_scale():
+  kwargs = _alibaba_shaped(100)  # 6,019 users, 41,677 items, 5 communities.
+  users, items, structure = synthetic.generate_interactions(seed=0, return_structure=True, **kwargs)
+  again = synthetic.generate_interactions(seed=0, **kwargs)
+  np.testing.assert_array_equal(users, again[0])
+  np.testing.assert_array_equal(items, again[1])
+  assert np.all(np.diff(_keys(users, items, kwargs["num_items"])) > 0)
+  assert items.min() >= 0 and items.max() < kwargs["num_items"]
+  # Heavy-tailed activity makes the count noisy at this size; the full graph lands within 0.4%.
+  expected_pairs = kwargs["num_users"] * kwargs["mean_items_per_user"]
+  assert abs(users.size / expected_pairs - 1) < 0.05
+  assert np.bincount(users, minlength=kwargs["num_users"]).min() >= 10
+  counts = np.sort(np.bincount(items, minlength=kwargs["num_items"]))[::-1]
+  assert counts[: kwargs["num_items"] // 100].sum() / counts.sum() > 0.2
+  # Global draws skip the items a user already holds, its popular in-community ones among them,
+  # so they land in its community a little less often than 1 / num_communities.
+  same = np.mean(structure.item_community[items] == structure.user_community[users])
+  prob = kwargs["in_community_prob"]
+  assert abs(same - (prob + (1 - prob) / kwargs["num_communities"])) < 0.02
+
+
+def test_alibaba_synthetic_config_has_the_paper_sizes():
+  config = alibaba.get_config("synthetic")
+  config_lib.validate(config)
+  assert config.data.kind == "synthetic" and config.data.split == "random"
+  cfg = config.data.synthetic
+  assert (cfg.num_users, cfg.num_items) == (601_946, 4_167_708)
+  assert cfg.num_users * cfg.mean_items_per_user == pytest.approx(28_489_957)
+  assert cfg.min_items_per_user == 10
+  assert alibaba.get_config().data.kind == "alibaba"
+
+
+def test_alibaba_synthetic_combines_with_a_model_variant():
+  config = alibaba.get_config("synthetic,authors_code")
+  config_lib.validate(config)
+  assert config.data.to_dict() == alibaba.get_config("synthetic").data.to_dict()
+  assert config.model.to_dict() == alibaba.get_config("authors_code").model.to_dict()
+  assert config.model.to_dict() != alibaba.get_config("synthetic").model.to_dict()
+  with pytest.raises(ValueError, match="bogus"):
+    alibaba.get_config("synthetic,bogus")
 
 
 @pytest.mark.parametrize(

@@ -11,18 +11,22 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from hashgnn_jax import export
 from hashgnn_jax import reporting
 from hashgnn_jax import train
 
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"],
+flags.DEFINE_enum("mode", "train", ["train", "eval", "export"],
                   "train: train (resuming from the workdir) then evaluate; eval: restore and "
-                  "evaluate only.")
-flags.DEFINE_integer("step", None, "With --mode=eval: the checkpoint step (default: latest).")
+                  "evaluate only; export: restore and write every code for serving to "
+                  "WORKDIR/export.")
+flags.DEFINE_integer("step", None,
+                     "With --mode=eval or export: the checkpoint step (default: latest).")
 flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"],
-                  "With --mode=eval: the latest checkpoint (or --step), or the best by validation.")
+                  "With --mode=eval or export: the latest checkpoint (or --step), or the best by "
+                  "validation.")
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -40,6 +44,12 @@ def main(argv):
   logging.get_absl_handler().addFilter(_DropOrbaxInfo())
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
+  if FLAGS.mode == "export":
+    path = export.export_checkpoint(FLAGS.config, FLAGS.workdir, step=FLAGS.step,
+                                    which=FLAGS.checkpoint)
+    if path is not None:
+      print(f"Export written to {path}")
+    return
   if FLAGS.mode == "train":
     record = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   else:

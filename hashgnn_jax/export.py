@@ -1,0 +1,198 @@
+"""`--mode=export`: a checkpoint's codes for every user and item, written for serving.
+
+Layout (read and verified by `serving.Retriever`):
+
+    WORKDIR/export/
+      latest.json          {"directory": "step_N", "step": N, "checkpoint": "latest"|"best"}
+      step_N/
+        manifest.json      format version, sizes, tie seed, step, config, and per array its
+                           shape, dtype, bytes and SHA-256
+        item_codes.npy     uint32 [I, W]  packed sign bits (retrieval.pack_bits), W = ceil(K / 32)
+        item_z.npy         float32 [I, K] continuous codes
+        user_codes.npy     uint32 [U, W]
+        user_z.npy         float32 [U, K]
+        item_ids.npy       [I] raw item id of each row (int64 or text; row numbers if none)
+        user_ids.npy       [U] raw user id of each row
+        known_indptr.npy   int64 [U + 1]  CSR offsets of each user's known items
+        known_items.npy    int32 [E]      known item rows: training plus validation pairs
+
+Each step folder is built in a hidden temporary sibling, every file fsynced, and renamed into place
+only when complete; `latest.json` is then replaced atomically. A reader thus sees the previous
+export or the new one, never part of one, and a failed export leaves nothing behind. Folders of
+earlier steps stay until deleted by hand.
+"""
+
+import datetime
+import os
+import secrets
+import shutil
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from hashgnn_jax import encode
+from hashgnn_jax import graph as graph_lib
+from hashgnn_jax import reporting
+from hashgnn_jax import retrieval
+from hashgnn_jax import serving
+from hashgnn_jax import train
+
+SUBDIR = "export"
+
+
+def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None,
+                      which: str = "latest") -> str | None:
+  """Restores a checkpoint as `--mode=eval` does, encodes every node and writes WORKDIR/export.
+
+  which="latest" takes `step` (latest if None) from WORKDIR/checkpoints; which="best" takes the
+  best-by-validation checkpoint. Returns the step folder written (None on processes other than 0,
+  which compute the same codes but leave the writing to process 0).
+  """
+  exp = train.Experiment(config)
+  state = _restore(exp, workdir, step, which)
+  node_z = encode.encode_nodes(exp.model, state.params, exp.graph,
+                               edge_chunk=config.eval.edge_chunk)  # [U + I, K]
+  if jax.process_index() != 0:
+    return None
+  path = write_export(os.path.join(workdir, SUBDIR), node_z=node_z, known=exp.known_at_test,
+                      user_ids=exp.dataset.user_ids, item_ids=exp.dataset.item_ids,
+                      config=config, step=int(state.step), checkpoint=which)
+  logging.info("Exported step %d (%s checkpoint) to %s.", int(state.step), which, path)
+  return path
+
+
+def _restore(exp: train.Experiment, workdir: str, step: int | None, which: str):
+  """The train state `train.evaluate_checkpoint` would evaluate for (step, which)."""
+  if which not in ("latest", "best"):
+    raise ValueError(f"Unknown checkpoint choice {which!r}; expected 'latest' or 'best'.")
+  ckpt = exp.checkpointer(workdir) if which == "latest" else exp.best_checkpointer(workdir)
+  if which == "best":
+    step = ckpt.best_step()
+    if step is None:
+      raise FileNotFoundError(f"No best checkpoint under {ckpt.directory}: the run had no "
+                              "validation split (config.data.valid_fraction) or no evaluation.")
+  state = ckpt.restore(exp.abstract_state(), step)
+  ckpt.close()
+  return state
+
+
+def write_export(root: str, *, node_z: np.ndarray, known: graph_lib.BipartiteGraph, user_ids,
+                 item_ids, config: ml_collections.ConfigDict, step: int,
+                 checkpoint: str) -> str:
+  """Writes ROOT/step_{step} atomically, points ROOT/latest.json at it and returns its path.
+
+  Args:
+    root: the export root, e.g. WORKDIR/export.
+    node_z: continuous codes [U + I, K], users first, as `encode.encode_nodes` returns them.
+    known: the graph of each user's known items (serving may exclude them); gives U and I.
+    user_ids, item_ids: raw ids [U] and [I] (numbers or text), or None for row numbers.
+    config: the run's config; eval.tie_seed, eval.user_chunk and eval.num_candidates become the
+      export's search settings, so that serving ranks as the evaluator does.
+    step, checkpoint: provenance: the checkpoint's step and "latest" or "best".
+  """
+  num_users, num_items = known.num_users, known.num_items
+  node_z = np.asarray(node_z, np.float32)
+  if node_z.ndim != 2 or node_z.shape[0] != num_users + num_items:
+    raise ValueError(f"node_z must have shape [{num_users + num_items}, K] (users, then items), "
+                     f"got {node_z.shape}.")
+  words = np.asarray(retrieval.pack_bits(node_z))  # [U + I, W]
+  num_known = int(known.indptr[num_users])  # User rows come first in the CSR.
+  arrays = {
+    "item_codes": words[num_users:],
+    "item_z": node_z[num_users:],
+    "user_codes": words[:num_users],
+    "user_z": node_z[:num_users],
+    "item_ids": _raw_ids(item_ids, num_items, "item_ids"),
+    "user_ids": _raw_ids(user_ids, num_users, "user_ids"),
+    "known_indptr": known.indptr[:num_users + 1].astype(np.int64),
+    "known_items": (known.indices[:num_known] - num_users).astype(np.int32),
+  }
+  manifest = {
+    "format_version": serving.FORMAT_VERSION,
+    "num_users": num_users,
+    "num_items": num_items,
+    "bits": int(node_z.shape[1]),
+    "words": int(words.shape[1]),
+    "num_known": num_known,
+    "tie_seed": int(config.eval.tie_seed),
+    "user_chunk": int(config.eval.user_chunk),
+    "num_candidates": int(config.eval.num_candidates),
+    "step": int(step),
+    "checkpoint": checkpoint,
+    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "config": config.to_dict(),
+    "arrays": {},
+  }
+  os.makedirs(root, exist_ok=True)
+  name = f"step_{step}"
+  # Not tempfile.mkdtemp, whose mode 0700 would outlive the rename; os.mkdir honours the umask.
+  staged = os.path.join(root, f".tmp_{name}_{os.getpid()}_{secrets.token_hex(4)}")
+  os.mkdir(staged)
+  try:
+    for array_name, array in arrays.items():
+      path = os.path.join(staged, f"{array_name}.npy")
+      with open(path, "xb") as f:
+        np.save(f, array, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+      manifest["arrays"][array_name] = {
+        "shape": list(array.shape),
+        "dtype": array.dtype.str,
+        "bytes": os.path.getsize(path),
+        "sha256": serving.file_sha256(path),
+      }
+    reporting.write_json_atomic(os.path.join(staged, serving.MANIFEST), manifest)
+    _fsync_directory(staged)
+    final = os.path.join(root, name)
+    _install(staged, final)
+  except BaseException:
+    shutil.rmtree(staged, ignore_errors=True)
+    raise
+  reporting.write_json_atomic(os.path.join(root, serving.POINTER),
+                              {"directory": name, "step": int(step), "checkpoint": checkpoint})
+  _fsync_directory(root)
+  return final
+
+
+def _raw_ids(ids, size: int, field: str) -> np.ndarray:
+  """Raw ids [size] as int64 or text (what .npy stores without pickle); row numbers if None."""
+  if ids is None:
+    return np.arange(size, dtype=np.int64)
+  ids = np.asarray(ids)
+  if ids.shape != (size,):
+    raise ValueError(f"{field} must have shape ({size},), got {ids.shape}.")
+  if ids.dtype.kind in "iu":
+    return ids.astype(np.int64)
+  if ids.dtype.kind in "OSU":
+    return ids.astype(str)
+  raise ValueError(f"{field} must hold integer or text ids, got dtype {ids.dtype}.")
+
+
+def _fsync_directory(path: str) -> None:
+  """Makes the entries (new files, renames) of folder `path` durable."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _install(staged: str, final: str) -> None:
+  """Renames the complete folder `staged` to `final`; an existing `final` is swapped out only now.
+
+  POSIX cannot rename a folder over a non-empty one, so a re-export of the same step moves the
+  old folder aside first and puts it back if the second rename fails.
+  """
+  if not os.path.exists(final):
+    os.rename(staged, final)
+    return
+  retired = staged + ".old"
+  os.rename(final, retired)
+  try:
+    os.rename(staged, final)
+  except BaseException:
+    os.rename(retired, final)
+    raise
+  shutil.rmtree(retired)

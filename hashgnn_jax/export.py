@@ -33,8 +33,8 @@ import ml_collections
 import numpy as np
 
 from hashgnn_jax import encode
+from hashgnn_jax import fileio
 from hashgnn_jax import graph as graph_lib
-from hashgnn_jax import reporting
 from hashgnn_jax import retrieval
 from hashgnn_jax import serving
 from hashgnn_jax import train
@@ -51,7 +51,7 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, step: 
   which compute the same codes but leave the writing to process 0).
   """
   exp = train.Experiment(config)
-  state = _restore(exp, workdir, step, which)
+  state = train.restore_checkpoint(exp, workdir, step, which)
   node_z = encode.encode_nodes(exp.model, state.params, exp.graph,
                                edge_chunk=config.eval.edge_chunk)  # [U + I, K]
   if jax.process_index() != 0:
@@ -61,21 +61,6 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, step: 
                       config=config, step=int(state.step), checkpoint=which)
   logging.info("Exported step %d (%s checkpoint) to %s.", int(state.step), which, path)
   return path
-
-
-def _restore(exp: train.Experiment, workdir: str, step: int | None, which: str):
-  """The train state `train.evaluate_checkpoint` would evaluate for (step, which)."""
-  if which not in ("latest", "best"):
-    raise ValueError(f"Unknown checkpoint choice {which!r}; expected 'latest' or 'best'.")
-  ckpt = exp.checkpointer(workdir) if which == "latest" else exp.best_checkpointer(workdir)
-  if which == "best":
-    step = ckpt.best_step()
-    if step is None:
-      raise FileNotFoundError(f"No best checkpoint under {ckpt.directory}: the run had no "
-                              "validation split (config.data.valid_fraction) or no evaluation.")
-  state = ckpt.restore(exp.abstract_state(), step)
-  ckpt.close()
-  return state
 
 
 def write_export(root: str, *, node_z: np.ndarray, known: graph_lib.BipartiteGraph, user_ids,
@@ -141,16 +126,16 @@ def write_export(root: str, *, node_z: np.ndarray, known: graph_lib.BipartiteGra
         "shape": list(array.shape),
         "dtype": array.dtype.str,
         "bytes": os.path.getsize(path),
-        "sha256": serving.file_sha256(path),
+        "sha256": fileio.file_sha256(path),
       }
-    reporting.write_json_atomic(os.path.join(staged, serving.MANIFEST), manifest)
+    fileio.write_json_atomic(os.path.join(staged, serving.MANIFEST), manifest)
     _fsync_directory(staged)
     final = os.path.join(root, name)
     _install(staged, final)
   except BaseException:
     shutil.rmtree(staged, ignore_errors=True)
     raise
-  reporting.write_json_atomic(os.path.join(root, serving.POINTER),
+  fileio.write_json_atomic(os.path.join(root, serving.POINTER),
                               {"directory": name, "step": int(step), "checkpoint": checkpoint})
   _fsync_directory(root)
   return final

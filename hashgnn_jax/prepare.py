@@ -53,6 +53,7 @@ import ml_collections
 import numpy as np
 
 from hashgnn_jax import config_lib
+from hashgnn_jax import fileio
 from hashgnn_jax import data
 from hashgnn_jax import readers
 
@@ -66,7 +67,6 @@ _SOURCE_NAMES = {  # Files searched for, in order, when a kind's source is a fol
 }
 _TABLE_EXTENSIONS = (".csv", ".tsv", ".txt", ".parquet")
 _DAY_SECONDS = 86_400
-_HASH_CHUNK = 8 << 20
 # SHA-256 of the official MovieLens archives, as recorded in TensorFlow Datasets' checksum list.
 KNOWN_ARCHIVES = {
   "https://files.grouplens.org/datasets/movielens/ml-100k.zip": (
@@ -168,18 +168,10 @@ def _source_files(source: str) -> list[str]:
   return [source]
 
 
-def _file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(_HASH_CHUNK):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def _fingerprint(source: str) -> dict:
   """Size and SHA-256 of every file the source consists of."""
   return {
-    os.path.basename(path): {"bytes": os.path.getsize(path), "sha256": _file_sha256(path)}
+    os.path.basename(path): {"bytes": os.path.getsize(path), "sha256": fileio.file_sha256(path)}
     for path in _source_files(source)
   }
 
@@ -508,7 +500,7 @@ def _stale_reason(
     )
     return f"the source changed: {', '.join(changed)} differ(s) from the cached size / SHA-256"
   expected = manifest.get("arrays", {})
-  if not os.path.exists(arrays_path) or expected.get("sha256") != _file_sha256(arrays_path):
+  if not os.path.exists(arrays_path) or expected.get("sha256") != fileio.file_sha256(arrays_path):
     return f"the arrays file {arrays_path} is missing or does not match its manifest"
   return None
 
@@ -531,7 +523,7 @@ def _write_cache(
     manifest["arrays"] = {
       "file": os.path.basename(arrays_path),
       "bytes": os.path.getsize(arrays_temp),
-      "sha256": _file_sha256(arrays_temp),
+      "sha256": fileio.file_sha256(arrays_temp),
     }
     with open(manifest_temp, "x", encoding="utf-8") as f:
       json.dump(manifest, f, indent=1, ensure_ascii=False)
@@ -610,7 +602,7 @@ def download(url: str, *, out_dir: str, sha256: str = "") -> str:
     raise ValueError(f"no known SHA-256 for {url}; pass --sha256=<hex digest> to verify it")
   name = os.path.basename(urllib.parse.urlparse(url).path) or "download"
   target = os.path.join(out_dir, name)
-  if os.path.isfile(target) and _file_sha256(target) == expected:
+  if os.path.isfile(target) and fileio.file_sha256(target) == expected:
     logging.info("Reusing %s (SHA-256 verified).", target)
     return target
   os.makedirs(out_dir, exist_ok=True)

@@ -2,24 +2,10 @@
 
 import json
 import os
-import tempfile
 
 import tensorboardX
 
-
-def write_json_atomic(path: str, obj) -> None:
-  """Writes JSON to a temporary file beside `path`, then renames it over `path`."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".json")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+from hashgnn_jax import fileio
 
 
 class MetricsWriter:
@@ -48,7 +34,7 @@ class MetricsWriter:
         # TensorBoard tags may not contain '@'.
         tag = f"{record['split']}/{mode}/{name.replace('@', '_')}"
         self._tb.add_scalar(tag, value, record["step"])
-    write_json_atomic(os.path.join(self.workdir, "eval_results.json"), record)
+    fileio.write_json_atomic(os.path.join(self.workdir, "eval_results.json"), record)
     self._append(record)
 
   def close(self) -> None:

@@ -10,12 +10,12 @@ half-copied export fails with the file's name instead of returning wrong items. 
                                         exclude_known=True)
 """
 
-import hashlib
 import json
 import os
 
 import numpy as np
 
+from hashgnn_jax import fileio
 from hashgnn_jax import graph as graph_lib
 from hashgnn_jax import retrieval
 
@@ -24,20 +24,10 @@ MANIFEST = "manifest.json"
 # In an export root: names the step folder written last (`export.py` swaps it atomically).
 POINTER = "latest.json"
 BACKENDS = ("jax", "faiss")
-_HASH_CHUNK = 1 << 20
 
 
 class InvalidExportError(ValueError):
   """An export whose manifest or arrays are not what this version of the reader expects."""
-
-
-def file_sha256(path: str) -> str:
-  """Hex SHA-256 of a file, read in 1 MiB pieces."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(_HASH_CHUNK):
-      digest.update(chunk)
-  return digest.hexdigest()
 
 
 def array_specs(manifest: dict) -> dict[str, tuple[tuple[int, ...], str | None]]:
@@ -135,7 +125,7 @@ def _read_array(directory: str, name: str, entry: dict, shape, dtype, *,
     state = "truncated" if size < listed_bytes else "too long"
     raise InvalidExportError(f"{path}: {size} bytes, the manifest expects {listed_bytes} "
                              f"({state}).")
-  if verify_checksums and file_sha256(path) != listed_sha256:
+  if verify_checksums and fileio.file_sha256(path) != listed_sha256:
     raise InvalidExportError(f"{path}: SHA-256 differs from the manifest's {listed_sha256}; the "
                              "file is corrupt or was changed after export.")
   try:

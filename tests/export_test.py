@@ -16,6 +16,7 @@ from hashgnn_jax import config_lib
 from hashgnn_jax import data as data_lib
 from hashgnn_jax import encode
 from hashgnn_jax import export
+from hashgnn_jax import fileio
 from hashgnn_jax import graph as graph_lib
 from hashgnn_jax import metrics as metrics_lib
 from hashgnn_jax import model as model_lib
@@ -181,7 +182,7 @@ def _replace_array(directory, name, array):
 
   def change(manifest):
     manifest["arrays"][name].update(bytes=path.stat().st_size,
-                                    sha256=serving.file_sha256(str(path)))
+                                    sha256=fileio.file_sha256(str(path)))
 
   _edit_manifest(directory, change)
 
@@ -236,7 +237,7 @@ def test_corrupt_export_is_rejected(tiny, tmp_path, corruption):
 def test_failed_export_leaves_previous_one(tiny, tmp_path, monkeypatch):
   root = tmp_path / "export"
   _write(root, tiny, step=1)
-  calls, original = [], serving.file_sha256
+  calls, original = [], fileio.file_sha256
 
   def failing_sha256(path):  # Fails on the fourth array, with three already written.
     calls.append(path)
@@ -244,7 +245,7 @@ def test_failed_export_leaves_previous_one(tiny, tmp_path, monkeypatch):
       raise OSError("disk full")
     return original(path)
 
-  monkeypatch.setattr(serving, "file_sha256", failing_sha256)
+  monkeypatch.setattr(fileio, "file_sha256", failing_sha256)
   for step in (2, 1):  # A new step, then a re-export over the existing one.
     calls.clear()
     with pytest.raises(OSError, match="disk full"):

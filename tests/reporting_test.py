@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from hashgnn_jax import fileio
 from hashgnn_jax import reporting
 
 
@@ -16,9 +17,9 @@ def _record(step):
 
 def test_write_json_atomic_leaves_nothing_on_failure(tmp_path):
   path = tmp_path / "out.json"
-  reporting.write_json_atomic(str(path), {"a": 1})
+  fileio.write_json_atomic(str(path), {"a": 1})
   with pytest.raises(TypeError):
-    reporting.write_json_atomic(str(path), {"a": object()})
+    fileio.write_json_atomic(str(path), {"a": object()})
   assert json.loads(path.read_text()) == {"a": 1}  # The old file survives intact.
   assert sorted(os.listdir(tmp_path)) == ["out.json"]
 

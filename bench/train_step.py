@@ -1,0 +1,233 @@
+"""Train-step throughput on graphs of MovieLens, Gowalla and Alibaba size (issue 4's benchmark).
+
+  python bench/train_step.py [--shapes=movielens,gowalla,alibaba] [--batches=256,4096]
+      [--variants=node/rowwise,node/dense,tree/rowwise] [--steps=10] [--out=bench_train.json]
+      [--cache=/tmp/hashgnn_bench] [--quick]
+
+Every (shape, batch, variant) runs in its own subprocess, so each reports its own peak RSS
+(embeddings + optimizer state + graph + the step's buffers). A variant is sampler.mode /
+train.embedding_update; the first listed is the baseline the others are compared with in the
+same run. Graphs come from the planted-community generator at each data set's sizes (cached as
+.npz under --cache, since the Alibaba one takes a while to generate).
+
+Benchmark configuration (issue 4): ID embeddings of dim 64; two gcn layers
+u' = leaky_relu(W·mean(self ∪ sampled neighbours)) of sizes 128 then 68; hash layer 68 -> 32 with
+tanh; element-wise guidance with constant p = 0.8; fanouts (10, 5) with replacement; B positive
+edges from a per-epoch shuffle + 5 negative items each; BCE on <h_u, h_i>/32 plus 0.5 x the hinge
+triplet loss with margin 0.2; Adam 1e-3.
+
+Reported per run: ms per step (median of --steps timed steps after a warm-up step), steps/s,
+positive edges/s, the share of step time spent sampling (the sampler jitted alone on the same
+batch), and peak RSS. --quick uses reduced sizes (for bench/gpu.sh's smoke test on a CPU).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+SHAPES = {
+    # users, items, interactions (paper Table 1).
+    "movielens": (6_040, 3_706, 1_000_209),
+    "gowalla": (29_858, 40_981, 1_027_370),
+    "alibaba": (601_946, 4_167_708, 28_489_957),
+}
+QUICK_SCALE = 0.02
+
+
+def benchmark_config(batch_size: int, sampler_mode: str, embedding_update: str):
+  from hashgnn_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.default_config()
+  config.model.embed_dim = 64
+  config.model.aggregator = "gcn"
+  config.model.hidden_dims = (128, 68)
+  config.model.hash_bits = 32
+  config.guidance.granularity = "element"
+  config.guidance.schedule = "constant"
+  config.guidance.init = 0.8
+  config.guidance.floor = 0.8
+  config.sampler.fanouts = (10, 5)
+  config.sampler.num_negatives = 5
+  config.sampler.mode = sampler_mode
+  config.loss.logit_scale = "inv_bits"
+  config.loss.rank = "hinge"
+  config.loss.rank_weight = 0.5
+  config.loss.margin = 0.2
+  config.train.learning_rate = 1e-3
+  config.train.batch_size = batch_size
+  config.train.embedding_update = embedding_update
+  config_lib.validate(config)
+  return config
+
+
+def load_pairs(shape: str, scale: float, cache: str):
+  """(users, items, num_users, num_items) of a generated graph of `shape`'s size, cached."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from hashgnn_jax import synthetic  # pylint: disable=g-import-not-at-top
+  num_users, num_items, num_pairs = SHAPES[shape]
+  num_users, num_items = max(int(num_users * scale), 50), max(int(num_items * scale), 50)
+  num_pairs = max(int(num_pairs * scale), 1_000)
+  path = os.path.join(cache, f"{shape}_{num_users}x{num_items}_{num_pairs}.npz")
+  if os.path.exists(path):
+    with np.load(path) as f:
+      return f["users"], f["items"], num_users, num_items
+  users, items = synthetic.generate_interactions(
+      num_users=num_users, num_items=num_items, num_communities=max(num_items // 5_000, 8),
+      mean_items_per_user=num_pairs / num_users, min_items_per_user=5,
+      popularity_exponent=1.0, in_community_prob=0.8, seed=0)
+  os.makedirs(cache, exist_ok=True)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, users=users, items=items)
+  os.replace(tmp, path)
+  return users, items, num_users, num_items
+
+
+def worker(args) -> dict:
+  """One (shape, batch, variant) measurement in this process."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from hashgnn_jax import graph as graph_lib  # pylint: disable=g-import-not-at-top
+  from hashgnn_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from hashgnn_jax import sampler  # pylint: disable=g-import-not-at-top
+  from hashgnn_jax import train  # pylint: disable=g-import-not-at-top
+
+  mode, update = args.variant.split("/")
+  config = benchmark_config(args.batch, mode, update)
+  users, items, num_users, num_items = load_pairs(args.shape, args.scale, args.cache)
+  graph = graph_lib.build_graph(users, items, num_users, num_items)
+  del users, items
+  devices = jax.local_devices()[:1]
+  model = model_lib.create_model(config.model, num_users, num_items)
+  tx = train.create_optimizer(config.train)
+  per_epoch = train.steps_per_epoch(graph.num_edges, args.batch)
+  replicated, shard_ids = train.device_layout(devices)
+  state = jax.device_put(
+      train.create_train_state(model, tx, jax.random.PRNGKey(0), update), replicated)
+  device_graph = graph_lib.to_device(graph, replicated)
+  order = jax.device_put(sampler.epoch_order(jax.random.PRNGKey(1), 0, graph.num_edges),
+                         replicated)
+  rng = jax.random.PRNGKey(2)
+  step_fn = train.make_train_step(model, tx, config, per_epoch, devices)
+
+  def sample_only(step):
+    # The same draw the step makes at `step`, jitted alone.
+    positions = jnp.arange(args.batch, dtype=jnp.int32)
+    edge_ids = order[(step % per_epoch) * args.batch + positions]
+    key, _ = jax.random.split(jax.random.fold_in(rng, step))
+    keys = sampler.example_keys(key, positions)
+    if mode == "node":
+      return sampler.sample_blocks(device_graph, edge_ids, keys, key, fanouts=(10, 5),
+                                   num_negatives=5)
+    return sampler.sample_batch(device_graph, edge_ids, keys, fanouts=(10, 5), num_negatives=5)
+
+  def timed(fn, n):
+    times = []
+    for _ in range(n):
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+  compile_start = time.perf_counter()
+  state, metrics = step_fn(state, device_graph, order, rng, shard_ids)
+  jax.block_until_ready(metrics)
+  compile_seconds = time.perf_counter() - compile_start
+
+  def one_step():
+    nonlocal state
+    state, m = step_fn(state, device_graph, order, rng, shard_ids)
+    return m
+
+  step_seconds = timed(one_step, args.steps)
+  sample_fn = jax.jit(sample_only)
+  jax.block_until_ready(sample_fn(jnp.int32(1)))
+  sample_seconds = timed(lambda: sample_fn(jnp.int32(1)), args.steps)
+  peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  return {
+      "shape": args.shape, "batch": args.batch, "variant": args.variant,
+      "num_users": num_users, "num_items": num_items, "num_edges": int(graph.num_edges),
+      "ms_per_step": round(step_seconds * 1e3, 2),
+      "steps_per_second": round(1.0 / step_seconds, 2),
+      "edges_per_second": round(args.batch / step_seconds, 1),
+      "sample_share": round(sample_seconds / step_seconds, 3),
+      "first_step_seconds": round(compile_seconds, 2),
+      "peak_rss_gib": round(peak_rss / 2**30, 3),
+      "loss": float(metrics["loss"]),
+      "device": str(devices[0].platform),
+  }
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--shapes", default="movielens,gowalla,alibaba")
+  parser.add_argument("--batches", default="256,4096")
+  parser.add_argument("--variants", default="node/rowwise,node/dense,tree/rowwise")
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--out", default="")
+  parser.add_argument("--cache", default="/tmp/hashgnn_bench")
+  parser.add_argument("--quick", action="store_true", help="Graphs at 2% of full size.")
+  parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--shape", help=argparse.SUPPRESS)
+  parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+  parser.add_argument("--variant", help=argparse.SUPPRESS)
+  parser.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.worker:
+    print(json.dumps(worker(args)))
+    return
+
+  scale = QUICK_SCALE if args.quick else 1.0
+  results = []
+  for shape in args.shapes.split(","):
+    for batch in map(int, args.batches.split(",")):
+      for variant in args.variants.split(","):
+        cmd = [sys.executable, __file__, "--worker", f"--shape={shape}", f"--batch={batch}",
+               f"--variant={variant}", f"--steps={args.steps}", f"--cache={args.cache}",
+               f"--scale={scale}"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+        if proc.returncode:
+          result = {"shape": shape, "batch": batch, "variant": variant,
+                    "error": proc.stderr.strip().splitlines()[-1:]}
+        else:
+          result = json.loads(proc.stdout.strip().splitlines()[-1])
+        results.append(result)
+        print(json.dumps(result), file=sys.stderr, flush=True)
+
+  baseline = args.variants.split(",")[0]
+  by_key = {(r["shape"], r["batch"], r["variant"]): r for r in results}
+  for r in results:
+    base = by_key.get((r["shape"], r["batch"], baseline))
+    if "ms_per_step" in r and base and "ms_per_step" in base:
+      r["speed_vs_" + baseline.replace("/", "_")] = round(base["ms_per_step"] / r["ms_per_step"],
+                                                          3)
+  summary = {"quick": args.quick, "results": results}
+  for batch in map(int, args.batches.split(",")):
+    small = by_key.get(("movielens", batch, baseline), {})
+    large = by_key.get(("alibaba", batch, baseline), {})
+    if "ms_per_step" in small and "ms_per_step" in large:
+      summary[f"alibaba_over_movielens_step_b{batch}"] = round(
+          large["ms_per_step"] / small["ms_per_step"], 2)
+  text = json.dumps(summary, indent=2)
+  print(text)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(text + "\n")
+  print(f"\n{'shape':<10}{'batch':>6} {'variant':<14}{'ms/step':>9}{'edges/s':>10}"
+        f"{'sample':>8}{'RSS GiB':>9}")
+  for r in results:
+    if "ms_per_step" not in r:
+      print(f"{r['shape']:<10}{r['batch']:>6} {r['variant']:<14} failed: {r['error']}")
+      continue
+    print(f"{r['shape']:<10}{r['batch']:>6} {r['variant']:<14}{r['ms_per_step']:>9.1f}"
+          f"{r['edges_per_second']:>10.0f}{r['sample_share']:>8.0%}{r['peak_rss_gib']:>9.2f}")
+
+
+if __name__ == "__main__":
+  main()

@@ -63,12 +63,16 @@ def row_adam_update(table: jax.Array, state: RowAdamState, ids: jax.Array, grads
   The defaults are optax.adam's.
   """
   count = state.count + 1
-  mu = b1 * state.mu.at[ids].get(mode="fill", fill_value=0) + (1 - b1) * grads  # [G, D]
-  nu = b2 * state.nu.at[ids].get(mode="fill", fill_value=0) + (1 - b2) * grads * grads
+  # Padding reads row 0 (its results are dropped below): an in-bounds gather is ~2x faster on
+  # CPU than mode="fill"'s checked one.
+  valid = ids < table.shape[0]
+  read = jnp.where(valid, ids, 0)
+  mu = b1 * state.mu.at[read].get(mode="promise_in_bounds") + (1 - b1) * grads  # [G, D]
+  nu = b2 * state.nu.at[read].get(mode="promise_in_bounds") + (1 - b2) * grads * grads
   t = count.astype(grads.dtype)
   mu_hat = mu / (1 - b1**t)
   nu_hat = nu / (1 - b2**t)
-  rows = table.at[ids].get(mode="fill", fill_value=0) - learning_rate * mu_hat / (
+  rows = table.at[read].get(mode="promise_in_bounds") - learning_rate * mu_hat / (
       jnp.sqrt(nu_hat) + eps)
   # Padding ids are out of range, so mode="drop" leaves the table and moments untouched there.
   return table.at[ids].set(rows, mode="drop"), RowAdamState(

@@ -171,9 +171,10 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
 
     if rowwise:
       table, dense = split_embedding(state.params)
-      # Padding slots read zeros and get no update (their ids lie past the table).
+      # Padding slots read row 0, reach no target, and get no update (their ids lie past the
+      # table, which the update drops).
+      rows = table.at[jnp.where(row_valid, row_ids, 0)].get(mode="promise_in_bounds")  # [S, E]
       row_ids = jnp.where(row_valid, row_ids, graph.num_nodes)
-      rows = table.at[row_ids].get(mode="fill", fill_value=0)  # [S, E]
       (grads, row_grads), metrics = jax.grad(
           lambda d, r: loss_fn(join_embedding(table, d), r), argnums=(0, 1),
           has_aux=True)(dense, rows)

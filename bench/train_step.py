@@ -116,14 +116,14 @@ def worker(args) -> dict:
   rng = jax.random.PRNGKey(2)
   step_fn = train.make_train_step(model, tx, config, per_epoch, devices)
 
-  def sample_only(step):
+  def sample_only(step, marks):
     # The same draw the step makes at `step`, jitted alone.
     positions = jnp.arange(args.batch, dtype=jnp.int32)
     edge_ids = order[(step % per_epoch) * args.batch + positions]
     key, _ = jax.random.split(jax.random.fold_in(rng, step))
     keys = sampler.example_keys(key, positions)
     if mode == "node":
-      return sampler.sample_blocks(device_graph, edge_ids, keys, key, fanouts=(10, 5),
+      return sampler.sample_blocks(device_graph, edge_ids, keys, key, marks, fanouts=(10, 5),
                                    num_negatives=5)
     return sampler.sample_batch(device_graph, edge_ids, keys, fanouts=(10, 5), num_negatives=5)
 
@@ -147,8 +147,9 @@ def worker(args) -> dict:
 
   step_seconds = timed(one_step, args.steps)
   sample_fn = jax.jit(sample_only)
-  jax.block_until_ready(sample_fn(jnp.int32(1)))
-  sample_seconds = timed(lambda: sample_fn(jnp.int32(1)), args.steps)
+  marks = graph_lib.empty_marks(graph.num_nodes)
+  jax.block_until_ready(sample_fn(jnp.int32(1), marks))
+  sample_seconds = timed(lambda: sample_fn(jnp.int32(1), marks), args.steps)
   peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   return {
       "shape": args.shape, "batch": args.batch, "variant": args.variant,

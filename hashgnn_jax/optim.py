@@ -33,26 +33,28 @@ def row_adam_init(table: jax.Array) -> RowAdamState:
                       nu=jnp.zeros_like(table))
 
 
-def combine_row_grads(ids: jax.Array, grads: jax.Array, num_rows: int,
-                      axis_name: str | None) -> tuple[jax.Array, jax.Array]:
+def combine_row_grads(ids: jax.Array, grads: jax.Array, marks: jax.Array,
+                      axis_name: str | None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The global-mean gradient of every row touched on any device.
 
-  ids [S] (distinct per device, `num_rows` for padding) and grads [S, D] of this device ->
-  (ids [G], grads [G, D]), identical on every device, padding ids being `num_rows`. Each
+  ids [S] (distinct per device, R for padding), grads [S, D] of this device and the
+  `graph_lib.unique_nodes` marks [R + 1] -> (ids [G], grads [G, D], marks), identical on every
+  device, padding ids being R. Each
   device's loss is a mean over its equal share of the batch, so the global gradient of a row is
   the sum of its per-device gradients over the device count, as `lax.pmean` gives densely.
   """
   num_devices = 1 if axis_name is None else jax.lax.axis_size(axis_name)
   if num_devices == 1:
-    return ids, grads
+    return ids, grads, marks
+  num_rows = marks.shape[0] - 1
   all_ids = jax.lax.all_gather(ids, axis_name).reshape(-1)  # [n·S]
   all_grads = jax.lax.all_gather(grads, axis_name).reshape(-1, grads.shape[-1])  # [n·S, D]
   valid = all_ids < num_rows
   size = min(all_ids.shape[0], num_rows)
-  unique, _, inverse = graph_lib.unique_nodes(all_ids, valid, num_rows, size)
+  unique, _, inverse, marks = graph_lib.unique_nodes(all_ids, valid, size, marks)
   slots = jnp.where(valid, inverse, size)
   summed = jnp.zeros((size, grads.shape[-1]), grads.dtype).at[slots].add(all_grads, mode="drop")
-  return unique, summed / num_devices
+  return unique, summed / num_devices, marks
 
 
 def row_adam_update(table: jax.Array, state: RowAdamState, ids: jax.Array, grads: jax.Array, *,
@@ -67,13 +69,13 @@ def row_adam_update(table: jax.Array, state: RowAdamState, ids: jax.Array, grads
   # CPU than mode="fill"'s checked one.
   valid = ids < table.shape[0]
   read = jnp.where(valid, ids, 0)
-  mu = b1 * state.mu.at[read].get(mode="promise_in_bounds") + (1 - b1) * grads  # [G, D]
-  nu = b2 * state.nu.at[read].get(mode="promise_in_bounds") + (1 - b2) * grads * grads
+  gather = lambda a: a.at[read].get(mode="promise_in_bounds")  # [G, D]
+  mu = b1 * gather(state.mu) + (1 - b1) * grads  # [G, D]
+  nu = b2 * gather(state.nu) + (1 - b2) * grads * grads
   t = count.astype(grads.dtype)
   mu_hat = mu / (1 - b1**t)
   nu_hat = nu / (1 - b2**t)
-  rows = table.at[read].get(mode="promise_in_bounds") - learning_rate * mu_hat / (
-      jnp.sqrt(nu_hat) + eps)
+  rows = gather(table) - learning_rate * mu_hat / (jnp.sqrt(nu_hat) + eps)
   # Padding ids are out of range, so mode="drop" leaves the table and moments untouched there.
   return table.at[ids].set(rows, mode="drop"), RowAdamState(
       count=count, mu=state.mu.at[ids].set(mu, mode="drop"),

@@ -33,9 +33,13 @@ def epoch_order(key: jax.Array, epoch: int | jax.Array, num_edges: int) -> jax.A
 
 
 def edge_endpoints(graph: graph_lib.DeviceGraph, edge_ids: jax.Array) -> tuple[jax.Array, ...]:
-  """(user node id, item node id) of training edges; user rows fill the CSR's first E slots."""
+  """(user node id, item node id) of training edges; user rows fill the CSR's first E slots.
+
+  Item rows start at E or later, so a search over the whole indptr lands in a user row; slicing
+  indptr to the user rows instead made XLA copy the slice every step.
+  """
   items = graph.indices[edge_ids]
-  users = jnp.searchsorted(graph.indptr[:graph.num_users + 1], edge_ids, side="right") - 1
+  users = jnp.searchsorted(graph.indptr, edge_ids, side="right") - 1
   return users.astype(jnp.int32), items
 
 
@@ -180,19 +184,20 @@ def hashed_neighbours(graph: graph_lib.DeviceGraph, nodes: jax.Array, valid: jax
 
 
 def sample_blocks(graph: graph_lib.DeviceGraph, edge_ids: jax.Array, keys: jax.Array,
-                  step_key: jax.Array, *, fanouts: tuple[int, ...],
-                  num_negatives: int) -> NodeBlocks:
+                  step_key: jax.Array, marks: jax.Array, *, fanouts: tuple[int, ...],
+                  num_negatives: int) -> tuple[NodeBlocks, jax.Array]:
   """Samples b positive edges, their negatives and the nodes' neighbourhoods ("node" mode).
 
-  edge_ids [b], per-example keys [b] (for negatives) and the step's key (for neighbours, shared
-  by all devices) -> NodeBlocks. Set sizes are bounded by the graph's node count, so a catalogue
-  smaller than the batch's reach costs no more than the catalogue.
+  edge_ids [b], per-example keys [b] (for negatives), the step's key (for neighbours, shared by
+  all devices) and `graph_lib.unique_nodes` marks -> (NodeBlocks, marks). Set sizes are bounded
+  by the graph's node count, so a catalogue smaller than the batch's reach costs no more than
+  the catalogue.
   """
   roots, _ = batch_roots(graph, edge_ids, keys, num_negatives)
   targets = _targets_major(roots)  # [b·(2+T)]
   num_nodes = graph.num_nodes
-  nodes, valid, target_slots = graph_lib.unique_nodes(
-      targets, jnp.ones(targets.shape, bool), num_nodes, min(targets.shape[0], num_nodes))
+  nodes, valid, target_slots, marks = graph_lib.unique_nodes(
+      targets, jnp.ones(targets.shape, bool), min(targets.shape[0], num_nodes), marks)
   neighbours, masks = [], []
   for hop, fanout in enumerate(fanouts):
     seed = jax.random.bits(jax.random.fold_in(step_key, hop), (), jnp.uint32)
@@ -200,13 +205,14 @@ def sample_blocks(graph: graph_lib.DeviceGraph, edge_ids: jax.Array, keys: jax.A
     size = nodes.shape[0]
     candidates = jnp.concatenate([nodes, hop_nodes.reshape(-1)])
     # Set h keeps its slots: its valid ids come first and are distinct.
-    nodes, valid, slots = graph_lib.unique_nodes(
-        candidates, jnp.concatenate([valid, mask.reshape(-1)]), num_nodes,
-        min(candidates.shape[0], num_nodes))
+    nodes, valid, slots, marks = graph_lib.unique_nodes(
+        candidates, jnp.concatenate([valid, mask.reshape(-1)]),
+        min(candidates.shape[0], num_nodes), marks)
     neighbours.append(slots[size:].reshape(size, fanout))
     masks.append(mask)
-  return NodeBlocks(nodes=nodes, valid=valid, neighbours=tuple(neighbours), masks=tuple(masks),
-                    targets=target_slots)
+  blocks = NodeBlocks(nodes=nodes, valid=valid, neighbours=tuple(neighbours),
+                      masks=tuple(masks), targets=target_slots)
+  return blocks, marks
 
 
 def draw_keep_continuous(keys: jax.Array, p: jax.Array, *, num_negatives: int, width: int,

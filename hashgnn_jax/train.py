@@ -30,6 +30,9 @@ class TrainState:
   step: jax.Array  # int32 scalar: steps taken so far.
   params: flax.core.FrozenDict
   opt_state: optax.OptState
+  # [num_nodes + 1] scratch of `graph_lib.unique_nodes`, all empty between steps; carried (and
+  # donated) so de-duplication costs O(batch) rather than a fresh catalogue-sized array per step.
+  node_marks: jax.Array
 
 
 def steps_per_epoch(num_edges: int, batch_size: int) -> int:
@@ -100,7 +103,8 @@ def create_train_state(model: model_lib.HashGNN, tx: optax.GradientTransformatio
   else:
     raise ValueError(f"config.train.embedding_update={embedding_update!r} is not one of "
                      f"{config_lib.EMBEDDING_UPDATES}.")
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                    node_marks=graph_lib.empty_marks(model.num_nodes))
 
 
 def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
@@ -128,21 +132,21 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
   rowwise = config.train.embedding_update == "rowwise"
   learning_rate = config.train.learning_rate
 
-  def sample(graph, edge_ids, keys, sample_key):
-    """The batch's sample and the embedding rows it reads: (sample, ids [S], valid [S])."""
+  def sample(graph, edge_ids, keys, sample_key, marks):
+    """The batch's sample and the embedding rows it reads: (sample, ids [S], valid [S], marks)."""
     if node_mode:
-      blocks = sampler.sample_blocks(graph, edge_ids, keys, sample_key, fanouts=fanouts,
-                                     num_negatives=num_negatives)
-      return blocks, blocks.nodes, blocks.valid
+      blocks, marks = sampler.sample_blocks(graph, edge_ids, keys, sample_key, marks,
+                                            fanouts=fanouts, num_negatives=num_negatives)
+      return blocks, blocks.nodes, blocks.valid, marks
     trees = sampler.sample_batch(graph, edge_ids, keys, fanouts=fanouts,
                                  num_negatives=num_negatives)
     if not rowwise:
-      return trees, None, None
+      return trees, None, None, marks
     # The trees repeat nodes; differentiate each distinct row once.
-    ids, valid, slots = graph_lib.unique_nodes(trees.nodes, jnp.ones(trees.nodes.shape, bool),
-                                               graph.num_nodes,
-                                               min(trees.nodes.shape[0], graph.num_nodes))
-    return (trees, slots), ids, valid
+    ids, valid, slots, marks = graph_lib.unique_nodes(
+        trees.nodes, jnp.ones(trees.nodes.shape, bool),
+        min(trees.nodes.shape[0], graph.num_nodes), marks)
+    return (trees, slots), ids, valid, marks
 
   def codes(params, batch, rows):
     """z [b·(2+T), K] of the batch's targets; rows [S, E] are the touched rows (row-wise)."""
@@ -157,8 +161,8 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
     within = shard_id * local + jnp.arange(local, dtype=jnp.int32)  # Position in global batch.
     edge_ids = edge_order[(state.step % per_epoch) * batch_size + within]
     sample_key, guide_key = jax.random.split(jax.random.fold_in(rng, state.step))
-    batch, row_ids, row_valid = sample(graph, edge_ids, sampler.example_keys(sample_key, within),
-                                       sample_key)
+    batch, row_ids, row_valid, marks = sample(
+        graph, edge_ids, sampler.example_keys(sample_key, within), sample_key, state.node_marks)
     p = schedule(state.step)
     keep = sampler.draw_keep_continuous(sampler.example_keys(guide_key, within), p,
                                         num_negatives=num_negatives, width=width,
@@ -178,7 +182,7 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
       (grads, row_grads), metrics = jax.grad(
           lambda d, r: loss_fn(join_embedding(table, d), r), argnums=(0, 1),
           has_aux=True)(dense, rows)
-      row_ids, row_grads = optim.combine_row_grads(row_ids, row_grads, graph.num_nodes, AXIS)
+      row_ids, row_grads, marks = optim.combine_row_grads(row_ids, row_grads, marks, AXIS)
       table, rows_state = optim.row_adam_update(table, state.opt_state["rows"], row_ids,
                                                 row_grads, learning_rate=learning_rate)
     else:
@@ -197,7 +201,8 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
     else:
       opt_state = dense_state
     metrics["guidance_p"] = jnp.asarray(p, jnp.float32)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         node_marks=marks), metrics
 
   # Donating the state lets XLA update the table and its moments in place: without it, each step
   # copies them whole, which at Alibaba size costs more than the batch's own work.

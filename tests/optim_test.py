@@ -1,7 +1,5 @@
 """Row-wise (lazy) Adam against optax's dense Adam, and the row bookkeeping around it."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,8 +72,10 @@ def test_unique_nodes_matches_first_occurrence_order():
   ids = rng.integers(0, 20, size=60).astype(np.int32)
   valid = rng.random(60) < 0.8
   order, inverse = _numpy_unique(ids.tolist(), valid.tolist())
-  fn = jax.jit(functools.partial(graph_lib.unique_nodes, num_nodes=20, size=20))
-  unique, unique_valid, got_inverse = fn(jnp.asarray(ids), jnp.asarray(valid))
+  fn = jax.jit(lambda ids, valid, marks: graph_lib.unique_nodes(ids, valid, 20, marks))
+  marks = graph_lib.empty_marks(20)
+  unique, unique_valid, got_inverse, marks = fn(jnp.asarray(ids), jnp.asarray(valid), marks)
+  np.testing.assert_array_equal(marks, graph_lib.empty_marks(20))  # Left empty for reuse.
   count = len(order)
   np.testing.assert_array_equal(unique[:count], order)
   np.testing.assert_array_equal(unique[count:], 20)  # Padding id = num_nodes.
@@ -94,8 +94,8 @@ def test_combine_row_grads_sums_over_devices_and_averages():
     count = rng.integers(1, 6)
     ids[d, :count] = rng.choice(rows, size=count, replace=False)
   combine = jax.pmap(
-      lambda i, g: optim.combine_row_grads(i, g, rows, "devices"), axis_name="devices",
-      devices=jax.local_devices()[:num_devices])
+      lambda i, g: optim.combine_row_grads(i, g, graph_lib.empty_marks(rows), "devices")[:2],
+      axis_name="devices", devices=jax.local_devices()[:num_devices])
   out_ids, out_grads = combine(jnp.asarray(ids), jnp.asarray(grads))
 
   expected = np.zeros((rows, dim), np.float32)

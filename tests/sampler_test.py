@@ -150,8 +150,10 @@ def test_sample_blocks_nest_sets_and_point_at_real_neighbours():
   fanouts, num_negatives, b = (4, 3), 5, 16
   edge_ids = jnp.arange(b, dtype=jnp.int32) * 3
   keys = sampler.example_keys(jax.random.PRNGKey(0), jnp.arange(b))
-  blocks = sampler.sample_blocks(device_graph, edge_ids, keys, jax.random.PRNGKey(5),
-                                 fanouts=fanouts, num_negatives=num_negatives)
+  blocks, marks = sampler.sample_blocks(device_graph, edge_ids, keys, jax.random.PRNGKey(5),
+                                        graph_lib.empty_marks(graph.num_nodes),
+                                        fanouts=fanouts, num_negatives=num_negatives)
+  np.testing.assert_array_equal(marks, graph_lib.empty_marks(graph.num_nodes))
   trees = sampler.sample_batch(device_graph, edge_ids, keys, fanouts=fanouts,
                                num_negatives=num_negatives)
   nodes, valid = np.asarray(blocks.nodes), np.asarray(blocks.valid)

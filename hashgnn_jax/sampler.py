@@ -167,7 +167,8 @@ def hashed_neighbours(graph: graph_lib.DeviceGraph, nodes: jax.Array, valid: jax
   """`fanout` neighbours per node with replacement, a function of (seed, node id, slot) only.
 
   nodes, valid [n], seed uint32 scalar -> (neighbour ids [n, fanout], mask [n, fanout]). A
-  counter hash instead of a key per node: vmapped threefry keys cost 12x more at 300k nodes.
+  counter hash instead of a key per node: vmapped threefry keys took 225 ms for the offsets of
+  300k nodes x 5 on CPU, against 34 ms for this whole draw.
   The modulo's bias is below degree / 2**32.
   """
   nodes = jnp.where(valid, nodes, 0)

@@ -125,7 +125,13 @@ def default_config() -> ml_collections.ConfigDict:
   config.eval.paper_candidates = 500
   config.eval.exclude_train = True  # standard protocol: drop known items from the ranking.
   config.eval.tie_seed = 0
-  config.eval.user_chunk = 256  # Users scored at once: memory is O(user_chunk × items).
+  # >0: evaluate a seeded sample of this many users with held-out items (the same sample for
+  # every evaluation of a run); <= 0: all of them. The record has num_eval_users / user_sample.
+  config.eval.max_users = -1
+  config.eval.sample_seed = 0
+  # Users scored at once. Memory is O(user_chunk × items / b) for Hamming and hierarchical search
+  # (b: retrieval block size, up to 64) and O(user_chunk × 2**17) for continuous search.
+  config.eval.user_chunk = 256
   config.eval.edge_chunk = 65_536  # Edges aggregated at once while encoding the full graph.
   # >0: evaluate every so many steps on validation (keeping the best checkpoint by
   # `best_metric`, which then gets the final test) or, without a validation split, on test.
@@ -215,6 +221,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_positive(config[group][field], key)
   for i, cutoff in enumerate(config.eval.cutoffs):
     _check_positive(cutoff, f"eval.cutoffs[{i}]")
+  if config.eval.sample_seed < 0:
+    raise ValueError(f"config.eval.sample_seed={config.eval.sample_seed} must be >= 0.")
   for key in ("num_candidates", "paper_candidates"):
     if "hierarchical" in config.eval.modes and config.eval[key] < max(config.eval.cutoffs):
       raise ValueError(

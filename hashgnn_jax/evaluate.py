@@ -3,6 +3,10 @@
 Protocol ("standard"): users with at least one held-out item are evaluated; their training items
 are excluded from the ranking unless `eval.exclude_train` is off; the whole catalogue is ranked;
 ties break by a seeded item order (`retrieval.tie_break_order`).
+
+At Alibaba scale (600k users × 4.2M items) `eval.max_users` evaluates a seeded sample of those
+users, the same one for every mode, protocol and evaluation of a run; the record says how many
+users were evaluated out of how many and whether they were a sample.
 """
 
 import time
@@ -25,61 +29,85 @@ def _user_chunks(users: np.ndarray, chunk: int):
     yield block, real
 
 
+def sample_users(split_users: np.ndarray, max_users: int, seed: int) -> np.ndarray:
+  """Sorted distinct users of a split, or a seeded sample of `max_users` of them (<= 0: all)."""
+  users = np.unique(split_users)
+  if 0 < max_users < len(users):
+    users = np.sort(np.random.default_rng(seed).choice(users, size=max_users, replace=False))
+  return users
+
+
 def evaluate_codes(codes: np.ndarray, graph: graph_lib.BipartiteGraph, split_users: np.ndarray,
-                   split_items: np.ndarray, eval_config, *, protocol: str = "standard",
-                   known: graph_lib.BipartiteGraph | None = None) -> tuple[dict, dict]:
-  """Metrics and wall seconds per retrieval mode (and the popularity baseline) for codes [N, K].
+                   split_items: np.ndarray, eval_config, *,
+                   known: graph_lib.BipartiteGraph | None = None) -> dict:
+  """Metrics and wall seconds per protocol and retrieval mode (plus popularity) for codes [N, K].
 
   codes holds users first, then items, as `encode.encode_nodes` returns them. `graph` (training
   edges) gives popularity; `known` (default: `graph`) lists the items excluded from each user's
   ranking under the standard protocol, e.g. training plus validation items when testing.
-  Protocols: "standard" (exclusion per `eval.exclude_train`, M = `eval.num_candidates`, standard
-  NDCG) and "paper" (no exclusion, M = `eval.paper_candidates`, the authors' NDCG).
+  Protocols (`eval.protocols`): "standard" (exclusion per `eval.exclude_train`, M =
+  `eval.num_candidates`, standard NDCG) and "paper" (no exclusion, M = `eval.paper_candidates`,
+  the authors' NDCG).
+
+  Returns {"by_protocol": {protocol: {mode: metrics}}, "seconds": {protocol: {mode: s}},
+  "num_eval_users", "num_split_users", "user_sample"}.
   """
   num_users, num_items = graph.num_users, graph.num_items
   cutoffs = tuple(eval_config.cutoffs)
   num_results = max(cutoffs)
-  paper = protocol == "paper"
-  num_candidates = eval_config.paper_candidates if paper else eval_config.num_candidates
   if num_results > num_items:
     raise ValueError(f"config.eval.cutoffs={cutoffs} exceed the catalogue of {num_items} items.")
-  if "hierarchical" in eval_config.modes and num_candidates > num_items:
-    key = "paper_candidates" if paper else "num_candidates"
-    raise ValueError(f"config.eval.{key}={num_candidates} exceeds the catalogue of {num_items} "
-                     "items.")
-  eval_users = np.unique(split_users)
-  if len(eval_users) == 0:
+  candidates = {"standard": eval_config.num_candidates, "paper": eval_config.paper_candidates}
+  for protocol in eval_config.protocols:
+    if "hierarchical" in eval_config.modes and candidates[protocol] > num_items:
+      key = "paper_candidates" if protocol == "paper" else "num_candidates"
+      raise ValueError(f"config.eval.{key}={candidates[protocol]} exceeds the catalogue of "
+                       f"{num_items} items.")
+  split_user_ids = np.unique(split_users)
+  if len(split_user_ids) == 0:
     raise ValueError("The evaluation split has no users with held-out items.")
+  eval_users = sample_users(split_user_ids, eval_config.max_users, eval_config.sample_seed)
   num_held_out = np.bincount(split_users, minlength=num_users)[eval_users]
+  # Held-out pairs grouped by user, so each chunk scores hits against its own users' pairs only.
+  by_user = np.argsort(split_users, kind="stable")
+  split_users, split_items = split_users[by_user], split_items[by_user]
   user_codes, item_codes = codes[:num_users], codes[num_users:]
   known = graph if known is None else known
-  exclude_known = eval_config.exclude_train and not paper
+  excluding = {p: p == "standard" and eval_config.exclude_train for p in eval_config.protocols}
 
   index = retrieval.ItemIndex(item_codes, tie_seed=eval_config.tie_seed)
-  popularity = graph.item_degrees().astype(np.float32)
-
-  def rank(mode, chunk_users, exclude):
-    if mode == "popularity":
-      return retrieval.rank_by_item_score(
-          popularity, num_results=num_results, tie_order=index.tie_order, exclude=exclude,
-          num_users=None if exclude is not None else len(chunk_users))
-    ids, _ = index.search(user_codes[chunk_users], mode=mode, num_results=num_results,
-                          num_candidates=num_candidates, exclude=exclude)
-    return ids
-
-  results, seconds = {}, {}
-  for mode in tuple(eval_config.modes) + ("popularity",):
-    start = time.perf_counter()
-    ranked = []
-    for chunk_users, real in _user_chunks(eval_users, eval_config.user_chunk):
-      exclude = known.padded_user_items(chunk_users) if exclude_known else None
-      ranked.append(rank(mode, chunk_users, exclude)[:real])
-    seconds[mode] = time.perf_counter() - start
-    hits = metrics_lib.hit_matrix(np.concatenate(ranked), eval_users, split_users, split_items,
-                                  num_items)
-    results[mode] = metrics_lib.summarize(
-        metrics_lib.ranking_metrics(hits, num_held_out, cutoffs, protocol=protocol))
-  return results, seconds
+  popularity = retrieval.ScoreRanking(graph.item_degrees(), tie_order=index.tie_order)
+  modes = tuple(eval_config.modes) + ("popularity",)
+  hits = {(p, m): [] for p in eval_config.protocols for m in modes}
+  seconds = dict.fromkeys(hits, 0.0)
+  for chunk_users, real in _user_chunks(eval_users, eval_config.user_chunk):
+    # One exclusion list per chunk, shared by every mode.
+    known_items = known.padded_user_items(chunk_users) if any(excluding.values()) else None
+    pairs = slice(*np.searchsorted(split_users, [chunk_users[0], chunk_users[real - 1] + 1]))
+    for protocol in eval_config.protocols:
+      exclude = known_items if excluding[protocol] else None
+      for mode in modes:
+        start = time.perf_counter()
+        if mode == "popularity":
+          ranked = popularity.top(num_results=num_results, exclude=exclude,
+                                  num_users=None if exclude is not None else len(chunk_users))
+        else:
+          ranked, _ = index.search(user_codes[chunk_users], mode=mode, num_results=num_results,
+                                   num_candidates=candidates[protocol], exclude=exclude)
+        seconds[protocol, mode] += time.perf_counter() - start
+        hits[protocol, mode].append(metrics_lib.hit_matrix(
+            ranked[:real], chunk_users[:real], split_users[pairs], split_items[pairs], num_items))
+  by_protocol = {
+      p: {m: metrics_lib.summarize(metrics_lib.ranking_metrics(
+          np.concatenate(hits[p, m]), num_held_out, cutoffs, protocol=p)) for m in modes}
+      for p in eval_config.protocols}
+  return {
+      "by_protocol": by_protocol,
+      "seconds": {p: {m: seconds[p, m] for m in modes} for p in eval_config.protocols},
+      "num_eval_users": len(eval_users),
+      "num_split_users": len(split_user_ids),
+      "user_sample": len(eval_users) < len(split_user_ids),
+  }
 
 
 def evaluate(model, params, graph: graph_lib.BipartiteGraph, split_users: np.ndarray,
@@ -88,27 +116,28 @@ def evaluate(model, params, graph: graph_lib.BipartiteGraph, split_users: np.nda
   """Encodes all nodes with `params` and returns the evaluation record of one split.
 
   "metrics" holds the first of `eval.protocols`; "by_protocol" holds every one of them.
+  "num_eval_users" users were evaluated out of "num_split_users" with held-out items
+  ("user_sample": whether `eval.max_users` drew a sample).
   """
   start = time.perf_counter()
   codes = encode.encode_nodes(model, params, graph, edge_chunk=eval_config.edge_chunk)
   seconds = {"encode": time.perf_counter() - start}
+  result = evaluate_codes(codes, graph, split_users, split_items, eval_config, known=known)
   first = eval_config.protocols[0]
-  by_protocol = {}
-  for protocol in eval_config.protocols:
-    results, protocol_seconds = evaluate_codes(codes, graph, split_users, split_items,
-                                               eval_config, protocol=protocol, known=known)
-    by_protocol[protocol] = results
+  for protocol, protocol_seconds in result["seconds"].items():
     prefix = "" if protocol == first else f"{protocol}/"
     seconds.update({prefix + mode: t for mode, t in protocol_seconds.items()})
   return {
       "step": int(step),
       "split": split,
       "protocol": first,
-      "metrics": by_protocol[first],
-      "by_protocol": by_protocol,
+      "metrics": result["by_protocol"][first],
+      "by_protocol": result["by_protocol"],
       "seconds": seconds,
       "num_users": graph.num_users,
       "num_items": graph.num_items,
-      "num_eval_users": int(len(np.unique(split_users))),
+      "num_eval_users": result["num_eval_users"],
+      "num_split_users": result["num_split_users"],
+      "user_sample": result["user_sample"],
       "bits": int(codes.shape[1]),
   }

@@ -1,5 +1,6 @@
 """Tests for hashgnn_jax.retrieval against brute-force NumPy references."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -150,6 +151,80 @@ def test_search_matches_numpy_reference(num_bits, use_exclude):
         assert not set(ids[row]) & set(exclude[row]), mode
 
 
+def _tied_search_inputs(seed, num_items, num_users, num_bits):
+  """Items drawn from five distinct codes (every score ties ~num_items / 5 ways), exclusions."""
+  rng = np.random.default_rng(seed)
+  pool = _grid_codes(rng, (5, num_bits))
+  item_z = pool[rng.integers(0, 5, num_items)]
+  user_z = np.concatenate([pool[:2], _grid_codes(rng, (num_users - 2, num_bits))])
+  exclude = np.full((num_users, num_items), -1, dtype=np.int64)
+  for row in range(num_users):
+    # Unsorted, with repeats and padding in between; row 0 excludes all but three items.
+    count = num_items - 3 if row == 0 else rng.integers(0, num_items // 2)
+    exclude[row, :count] = rng.choice(num_items, size=count, replace=row == 1)
+    rng.shuffle(exclude[row])
+  return item_z, user_z, exclude
+
+
+@pytest.mark.parametrize(
+  "num_devices, item_shards, block_size, tile_items",
+  [
+    (1, 1, 1, 1 << 17),
+    (1, 1, 8, 16),
+    (4, 4, 3, 6),
+    (4, 2, 8, 1 << 17),  # Two user shards × two item shards.
+    (4, 1, 4, 16),  # Nine users over four user shards need padding.
+  ],
+)
+def test_two_level_sharded_search_matches_flat_reference(monkeypatch, num_devices, item_shards,
+                                                         block_size, tile_items):
+  # Several tiles per shard exercise the continuous scan's running merge.
+  monkeypatch.setattr(retrieval, "_TILE_ITEMS", tile_items)
+  # 403 items leave a partial block and padding; 6 results keep picks below the block counts.
+  num_items, num_users = 403, 9
+  item_z, user_z, exclude = _tied_search_inputs(block_size, num_items, num_users, 64)
+  index = retrieval.ItemIndex(
+    item_z,
+    tie_seed=3,
+    devices=jax.devices()[:num_devices],
+    item_shards=item_shards,
+    block_size=block_size,
+  )
+  tie_order = retrieval.tie_break_order(num_items, seed=3)
+  for use_exclude in (False, True):
+    for mode, num_candidates in [("hamming", None), ("continuous", None), ("hierarchical", 20)]:
+      kwargs = {
+        "mode": mode,
+        "num_results": 6,
+        "num_candidates": num_candidates,
+        "exclude": exclude if use_exclude else None,
+      }
+      ids, scores = index.search(user_z, **kwargs)
+      want_ids, want_scores = _reference_search(user_z, item_z, tie_order, **kwargs)
+      np.testing.assert_array_equal(ids, want_ids, err_msg=f"{mode} {use_exclude}")
+      np.testing.assert_array_equal(scores, want_scores.astype(np.float32), err_msg=mode)
+      if use_exclude:
+        assert np.all(ids[0, 3:] == -1), mode  # Only three items are left to user 0.
+
+
+def test_padding_never_displaces_items():
+  # Padding codes are z = 0: distance 0 and inner product 0 to an all-ones user, better than any
+  # item here, so the block mixing items and padding wins a pick it must not use up.
+  rng = np.random.default_rng(5)
+  item_z = -rng.uniform(0.1, 1.0, (403, 32)).astype(np.float32)  # 403 = 4 * 100 + 3
+  flips = rng.random(item_z.shape) < 0.2
+  item_z[flips] = 0.01  # A few set bits spread the Hamming distances; inner products stay < 0.
+  user_z = np.ones((1, 32), np.float32)
+  index = retrieval.ItemIndex(item_z, tie_seed=0, devices=jax.devices()[:1], block_size=4)
+  tie_order = retrieval.tie_break_order(403, seed=0)
+  for mode, num_candidates in [("hamming", None), ("continuous", None), ("hierarchical", 8)]:
+    kwargs = {"mode": mode, "num_results": 8, "num_candidates": num_candidates, "exclude": None}
+    ids, scores = index.search(user_z, **kwargs)
+    want_ids, want_scores = _reference_search(user_z, item_z, tie_order, **kwargs)
+    np.testing.assert_array_equal(ids, want_ids, err_msg=mode)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-6, err_msg=mode)
+
+
 def test_hamming_distance_multiset_is_tie_independent():
   rng = np.random.default_rng(0)
   # Same shapes as the search test above, so the compiled search is reused.
@@ -238,3 +313,30 @@ def test_rank_by_item_score_validation():
     )
   with pytest.raises(ValueError, match="permutation"):
     retrieval.rank_by_item_score(np.ones(3), num_results=2, tie_order=np.zeros(3), num_users=1)
+
+
+def test_score_ranking_matches_reference_with_ties_and_exclusions():
+  rng = np.random.default_rng(2)
+  scores = rng.integers(0, 4, 50).astype(np.float32)  # Heavy ties.
+  scores[[3, 17]] = -np.inf  # Never ranked.
+  tie_order = retrieval.tie_break_order(50, seed=9)
+  exclude = np.full((6, 45), -1)
+  for row in range(6):
+    count = 45 if row == 0 else rng.integers(0, 20)
+    exclude[row, :count] = rng.choice(50, size=count, replace=False)
+  ranking = retrieval.ScoreRanking(scores, tie_order=tie_order)
+  ids = ranking.top(num_results=8, exclude=exclude)
+  ranked = _reference_rank(scores[None], tie_order)[0]  # [I], best first
+  for row in range(6):
+    kept = [i for i in ranked if i not in set(exclude[row]) and np.isfinite(scores[i])][:8]
+    np.testing.assert_array_equal(ids[row], kept + [-1] * (8 - len(kept)), err_msg=str(row))
+  # The ranking is reusable: no exclusions means the global order for every user.
+  np.testing.assert_array_equal(ranking.top(num_results=8, num_users=2), [ranked[:8]] * 2)
+
+
+def test_item_index_validation_errors():
+  item_z = np.ones((10, 32), np.float32)
+  with pytest.raises(ValueError, match="item_shards=3 must divide the 4 devices"):
+    retrieval.ItemIndex(item_z, tie_seed=0, devices=jax.devices()[:4], item_shards=3)
+  with pytest.raises(ValueError, match="block_size=-1"):
+    retrieval.ItemIndex(item_z, tie_seed=0, block_size=-1)

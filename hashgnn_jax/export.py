@@ -51,15 +51,15 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, step: 
   which compute the same codes but leave the writing to process 0).
   """
   exp = train.Experiment(config)
-  state = train.restore_checkpoint(exp, workdir, step, which)
-  node_z = encode.encode_nodes(exp.model, state.params, exp.graph,
+  params, step = train.restore_params(exp, workdir, step, which)
+  node_z = encode.encode_nodes(exp.model, params, exp.graph,
                                edge_chunk=config.eval.edge_chunk)  # [U + I, K]
   if jax.process_index() != 0:
     return None
   path = write_export(os.path.join(workdir, SUBDIR), node_z=node_z, known=exp.known_at_test,
                       user_ids=exp.dataset.user_ids, item_ids=exp.dataset.item_ids,
-                      config=config, step=int(state.step), checkpoint=which)
-  logging.info("Exported step %d (%s checkpoint) to %s.", int(state.step), which, path)
+                      config=config, step=step, checkpoint=which)
+  logging.info("Exported step %d (%s checkpoint) to %s.", step, which, path)
   return path
 
 

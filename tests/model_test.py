@@ -97,13 +97,18 @@ def test_aggregators_match_numpy(kind):
   np.testing.assert_allclose(z, np.tanh(hidden @ hw + hb), rtol=1e-5, atol=1e-6)
 
 
-def test_two_layer_tree_matches_numpy():
+def _tiny_gcn_model():
+  """A gcn HashGNN small enough to recompute by hand: 3 users, 5 items, widths 2 -> 3 -> 2 -> 4."""
   config = config_lib.default_config().model
   config.aggregator = "gcn"
   config.embed_dim = 2
   config.hidden_dims = (3, 2)
   config.hash_bits = 4
-  model = model_lib.create_model(config, num_users=3, num_items=5)
+  return model_lib.create_model(config, num_users=3, num_items=5)
+
+
+def test_two_layer_tree_matches_numpy():
+  model = _tiny_gcn_model()
   # One target (node 0) with hop-1 slots [1, 2] and hop-2 slots [3, 4 | 5, 6]; all edges real.
   ids = jnp.array([0, 3, 4, 1, 2, 0, 2], jnp.int32)
   graph = graph_lib.sampled_tree_graph(ids, jnp.ones(6, bool), 1, (2, 2))
@@ -153,12 +158,7 @@ def test_gather_sum_value_and_gradient_match_autodiff():
 
 
 def test_encode_blocks_matches_numpy():
-  config = config_lib.default_config().model
-  config.aggregator = "gcn"
-  config.embed_dim = 2
-  config.hidden_dims = (3, 2)
-  config.hash_bits = 4
-  model = model_lib.create_model(config, num_users=3, num_items=5)
+  model = _tiny_gcn_model()
   tree = graph_lib.sampled_tree_graph(jnp.zeros(7, jnp.int32), jnp.ones(6, bool), 1, (2, 2))
   params = model.init(jax.random.PRNGKey(1), tree, 1, (2, 2))["params"]
   # Set 0 = {4, 0}; set 1 adds 6; set 2 adds 1, then a padding slot (id 8 = num_nodes).

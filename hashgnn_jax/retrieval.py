@@ -125,13 +125,16 @@ def _sorted_exclusions(exclude: np.ndarray, item_positions: np.ndarray, sentinel
   little and few shapes compile.
   """
   kept = exclude >= 0
-  width = int(kept.sum(axis=1).max(initial=0))
-  if width == 0:
+  longest = int(kept.sum(axis=1).max(initial=0))
+  if longest == 0:
     return None
+  width = 1 << (longest - 1).bit_length()
   if not kept[:, width:].any():  # Padding at the end, as graph rows give it: sort less.
     exclude, kept = exclude[:, :width], kept[:, :width]
   positions = np.sort(np.where(kept, item_positions[np.maximum(exclude, 0)], sentinel), axis=1)
-  return positions[:, :1 << (width - 1).bit_length()].astype(np.int32)
+  positions = np.pad(positions, ((0, 0), (0, max(width - positions.shape[1], 0))),
+                     constant_values=sentinel)
+  return positions[:, :width].astype(np.int32)
 
 
 def _mark(shape, rows, slots, offsets) -> jax.Array:

@@ -340,3 +340,16 @@ def test_item_index_validation_errors():
     retrieval.ItemIndex(item_z, tie_seed=0, devices=jax.devices()[:4], item_shards=3)
   with pytest.raises(ValueError, match="block_size=-1"):
     retrieval.ItemIndex(item_z, tie_seed=0, block_size=-1)
+
+
+def test_exclusion_widths_are_powers_of_two():
+  # One compiled shape serves every chunk whose longest exclusion row rounds up alike.
+  positions = np.arange(10)[::-1]  # Item i sits at position 9 - i.
+  exclude = np.array([[4, 1, 7, -1, -1, -1, -1], [2, -1, 5, 0, 8, -1, -1]])
+  np.testing.assert_array_equal(
+    retrieval._sorted_exclusions(exclude, positions, sentinel=99), [[2, 5, 8, 99], [1, 4, 7, 9]]
+  )
+  np.testing.assert_array_equal(  # Three columns widen to four.
+    retrieval._sorted_exclusions(exclude[:1, :3], positions, sentinel=99), [[2, 5, 8, 99]]
+  )
+  assert retrieval._sorted_exclusions(np.full((2, 3), -1), positions, sentinel=99) is None

@@ -48,13 +48,17 @@ def test_edge_endpoints_recover_pairs():
   np.testing.assert_array_equal(got, pairs)
 
 
-def test_sampled_trees_use_real_neighbours_and_static_shapes():
+def _small_batch(b=16):
+  """A 40-user, 25-item graph (host, device, neighbour sets) and b edge ids with their keys."""
   graph, _ = _random_graph(num_users=40, num_items=25, num_pairs=120)
-  device_graph = graph_lib.to_device(graph)
-  neighbours = _neighbour_sets(graph)
-  fanouts, num_negatives, b = (4, 3), 5, 16
   edge_ids = jnp.arange(b, dtype=jnp.int32) * 3
   keys = sampler.example_keys(jax.random.PRNGKey(0), jnp.arange(b))
+  return graph, graph_lib.to_device(graph), _neighbour_sets(graph), edge_ids, keys
+
+
+def test_sampled_trees_use_real_neighbours_and_static_shapes():
+  graph, device_graph, neighbours, edge_ids, keys = _small_batch()
+  fanouts, num_negatives, b = (4, 3), 5, 16
   trees = sampler.sample_batch(device_graph, edge_ids, keys, fanouts=fanouts,
                                num_negatives=num_negatives)
   targets = b * (2 + num_negatives)
@@ -144,12 +148,8 @@ def test_hashed_neighbours_are_uniform():
 
 
 def test_sample_blocks_nest_sets_and_point_at_real_neighbours():
-  graph, _ = _random_graph(num_users=40, num_items=25, num_pairs=120)
-  device_graph = graph_lib.to_device(graph)
-  neighbours = _neighbour_sets(graph)
+  graph, device_graph, neighbours, edge_ids, keys = _small_batch()
   fanouts, num_negatives, b = (4, 3), 5, 16
-  edge_ids = jnp.arange(b, dtype=jnp.int32) * 3
-  keys = sampler.example_keys(jax.random.PRNGKey(0), jnp.arange(b))
   blocks, marks = sampler.sample_blocks(device_graph, edge_ids, keys, jax.random.PRNGKey(5),
                                         graph_lib.empty_marks(graph.num_nodes),
                                         fanouts=fanouts, num_negatives=num_negatives)

@@ -147,13 +147,13 @@ def test_gather_sum_value_and_gradient_match_autodiff():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(7, 3)), jnp.float32)
   neighbours = jnp.asarray(rng.integers(0, 7, size=(5, 4)), jnp.int32)
-  weights = jnp.asarray(rng.random((5, 4)) < 0.7, jnp.float32)
-  naive = lambda x: jnp.einsum("sfd,sf->sd", x[neighbours], weights)
-  np.testing.assert_allclose(model_lib.gather_sum(7, x, neighbours, weights), naive(x),
+  mask = jnp.asarray(rng.random((5, 4)) < 0.7)
+  naive = lambda x: jnp.einsum("sfd,sf->sd", x[neighbours], mask.astype(x.dtype))
+  np.testing.assert_allclose(model_lib.gather_sum(7, x, neighbours, mask), naive(x),
                              rtol=1e-6)
   loss = lambda f: lambda x: jnp.sum(jnp.sin(f(x)))
   np.testing.assert_allclose(
-      jax.grad(loss(lambda x: model_lib.gather_sum(7, x, neighbours, weights)))(x),
+      jax.grad(loss(lambda x: model_lib.gather_sum(7, x, neighbours, mask)))(x),
       jax.grad(loss(naive))(x), rtol=1e-5, atol=1e-6)
 
 

@@ -1,9 +1,12 @@
 """Row-wise (lazy) Adam against optax's dense Adam, and the row bookkeeping around it."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from hashgnn_jax import graph as graph_lib
 from hashgnn_jax import optim
@@ -20,7 +23,8 @@ def _dense_adam_steps(table, grads_per_step):
   return table
 
 
-def test_every_row_touched_equals_dense_adam():
+@pytest.mark.parametrize("streaming", [False, True])
+def test_every_row_touched_equals_dense_adam(streaming):
   rng = np.random.default_rng(0)
   table = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
   grads = [jnp.asarray(rng.normal(size=(6, 3)), jnp.float32) for _ in range(4)]
@@ -29,22 +33,25 @@ def test_every_row_touched_equals_dense_adam():
   for g in grads:
     # All rows, in a shuffled order: the update must not depend on the order of ids.
     ids = jnp.asarray(rng.permutation(6), jnp.int32)
-    rows, state = optim.row_adam_update(rows, state, ids, g[ids], learning_rate=LR)
+    rows, state = optim.row_adam_update(rows, state, ids, g[ids], learning_rate=LR,
+                                        streaming=streaming)
   np.testing.assert_allclose(rows, _dense_adam_steps(table, grads), rtol=1e-6, atol=1e-7)
   assert int(state.count) == 4
 
 
-def test_untouched_rows_and_moments_stay_put():
+@pytest.mark.parametrize("streaming", [False, True])
+def test_untouched_rows_and_moments_stay_put(streaming):
   rng = np.random.default_rng(1)
   table = jnp.asarray(rng.normal(size=(5, 2)), jnp.float32)
   g1 = jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)
   g2 = jnp.asarray(rng.normal(size=(2, 2)), jnp.float32)
   state = optim.row_adam_init(table)
   # Step 1 touches rows 0, 2, 4; step 2 touches rows 0, 2 plus one padding slot (id 5 = R).
-  after1, state1 = optim.row_adam_update(table, state, jnp.array([0, 2, 4]), g1, learning_rate=LR)
+  update = functools.partial(optim.row_adam_update, learning_rate=LR, streaming=streaming)
+  after1, state1 = update(table, state, jnp.array([0, 2, 4]), g1)
   ids2 = jnp.array([2, 5, 0])
   grads2 = jnp.stack([g2[1], jnp.full((2,), 7.0), g2[0]])
-  after2, state2 = optim.row_adam_update(after1, state1, ids2, grads2, learning_rate=LR)
+  after2, state2 = update(after1, state1, ids2, grads2)
 
   np.testing.assert_array_equal(after1[np.array([1, 3])], table[np.array([1, 3])])
   np.testing.assert_array_equal(after2[np.array([1, 3, 4])], after1[np.array([1, 3, 4])])
@@ -56,6 +63,26 @@ def test_untouched_rows_and_moments_stay_put():
   np.testing.assert_allclose(after2[np.array([0, 2])], expected, rtol=1e-6, atol=1e-7)
   # Row 4, touched once: one Adam step from its initial value.
   np.testing.assert_allclose(after2[4], _dense_adam_steps(table[4:5], [g1[2:3]])[0], rtol=1e-6)
+
+
+def test_streaming_and_gathered_updates_agree():
+  # Several steps over a table, each touching a random subset of rows plus padding (id = R).
+  rng = np.random.default_rng(4)
+  num_rows, dim = 50, 4
+  table = jnp.asarray(rng.normal(size=(num_rows, dim)), jnp.float32)
+  tables = {False: table, True: table}
+  states = {s: optim.row_adam_init(table) for s in (False, True)}
+  for _ in range(5):
+    ids = np.full(20, num_rows, np.int32)
+    touched = rng.choice(num_rows, size=rng.integers(1, 20), replace=False)
+    ids[rng.choice(20, size=len(touched), replace=False)] = touched
+    grads = jnp.asarray(rng.normal(size=(20, dim)), jnp.float32)
+    for s in (False, True):
+      tables[s], states[s] = optim.row_adam_update(tables[s], states[s], jnp.asarray(ids), grads,
+                                                   learning_rate=LR, streaming=s)
+  np.testing.assert_allclose(tables[True], tables[False], rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(states[True].mu, states[False].mu, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(states[True].nu, states[False].nu, rtol=1e-6, atol=1e-7)
 
 
 def _numpy_unique(ids, valid):

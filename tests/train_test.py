@@ -13,6 +13,7 @@ import pytest
 from hashgnn_jax import checkpointing
 from hashgnn_jax import graph as graph_lib
 from hashgnn_jax import losses
+from hashgnn_jax import optim
 from hashgnn_jax import sampler
 from hashgnn_jax import train
 
@@ -49,10 +50,15 @@ def experiment():
   return train.Experiment(_config())
 
 
-@pytest.mark.parametrize("mode,update", [("node", "rowwise"), ("tree", "rowwise"),
-                                         ("node", "dense")])
-def test_four_devices_match_one_device(experiment, mode, update):
+# "rowwise" at this size streams its update (optim.STREAMING_SHARE); "rowwise-gathered" forces
+# the gathered form that large catalogues use.
+@pytest.mark.parametrize("mode,update", [("node", "rowwise"), ("node", "rowwise-gathered"),
+                                         ("tree", "rowwise"), ("node", "dense")])
+def test_four_devices_match_one_device(experiment, mode, update, monkeypatch):
   assert jax.local_device_count() >= 4
+  if update == "rowwise-gathered":
+    monkeypatch.setattr(optim, "STREAMING_SHARE", float("inf"))
+    update = "rowwise"
   if (mode, update) != (experiment.config.sampler.mode, experiment.config.train.embedding_update):
     experiment = train.Experiment(_config(sampler__mode=mode, train__embedding_update=update))
   one_state, one_metrics, _ = _run_steps(experiment, jax.local_devices()[:1], 2)

@@ -37,6 +37,12 @@ def get_config(variant: str = "paper"):
   config.data.split = "temporal"
   config.data.train_days = 6.0
   config.data.test_days = 1.0
+  # "": the window ends one second after the log's last timestamp, so a single stray row (the
+  # public UserBehavior.csv has some, years off) moves it. Its nominal days are 2017-11-25 to
+  # 2017-12-03 in local time (UTC+8); end_time is UTC unless given an offset, and the boundary is
+  # yours to pick: --config.data.end_time=2017-12-04T00:00:00 ends at 08:00 local on 4 December,
+  # 2017-12-04T00:00:00+08:00 (= 2017-12-03T16:00:00) at local midnight after the last day.
+  config.data.end_time = ""
   config.data.min_user_interactions = 10
   config.data.valid_fraction = 0.1
   config.eval.every_steps = 20_000

@@ -4,6 +4,10 @@ The schema lives in the package (not only under configs/) so that a library user
 config without the command line, and so that every configs/*.py file stays a thin variant.
 """
 
+import datetime
+import math
+import re
+
 import ml_collections
 
 from hashgnn_jax import data
@@ -19,6 +23,13 @@ PROTOCOLS = ("standard", "paper")
 SPLITS = ("random", "published", "temporal")
 SAMPLER_MODES = ("node", "tree")
 EMBEDDING_UPDATES = ("rowwise", "dense")
+TIMESTAMP_UNITS = ("s", "ms", "us", "ns")
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+_END_TIME_FORMS = (
+  "an ISO 8601 date or date-time, read as UTC unless it carries an offset ('2017-12-04', "
+  "'2017-12-04T00:00:00', '2017-12-04T08:00:00+08:00'), integer Unix seconds ('1512345600'), "
+  "or '' for the end of the log"
+)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -38,6 +49,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.data.split = "random"
   config.data.train_days = 6.0  # temporal only.
   config.data.test_days = 1.0  # temporal only; the last `test_days` of the log.
+  # temporal only: the window's end (exclusive), ISO 8601 UTC or Unix seconds; "": the log's end.
+  config.data.end_time = ""
+  # Rows rated below this are dropped on reading (e.g. 4.0 for implicit positives); -inf keeps all.
+  config.data.min_rating = float("-inf")
   config.data.min_user_interactions = 0  # Users with fewer are dropped (Alibaba: 10).
   config.data.min_item_interactions = 0
   config.data.k_core = False  # Repeat both filters until stable.
@@ -51,6 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.data.columns.rating = ""
   config.data.delimiter = ","
   config.data.header = True
+  config.data.timestamp_unit = "s"  # Of integer csv/Parquet timestamps: s, ms, us or ns.
   config.data.synthetic = ml_collections.ConfigDict()
   config.data.synthetic.num_users = 3_000
   config.data.synthetic.num_items = 2_000
@@ -182,6 +198,53 @@ def _check_positive(value, key):
     raise ValueError(f"config.{key}={value!r} must be > 0.")
 
 
+def end_time_seconds(value: str, split: str) -> int | None:
+  """Parses `config.data.end_time` into Unix seconds; None for "" (the log's own end).
+
+  Raises a ValueError naming the key if the value does not parse or `split` is not temporal.
+  """
+  text = str(value).strip()
+  if not text:
+    return None
+  seconds = None
+  # Integers come first, so an all-digit value is always seconds, never ISO's basic '20171204'.
+  if re.fullmatch(r"[+-]?\d+", text):
+    seconds = int(text)
+    try:
+      _EPOCH + datetime.timedelta(seconds=seconds)
+    except OverflowError:
+      seconds = None
+  else:
+    try:
+      moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+      moment = None
+    if moment is not None:
+      if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+      since = moment - _EPOCH
+      # A fraction rounds up: timestamps are whole seconds, so `t < end` keeps the same rows.
+      seconds = since.days * 86_400 + since.seconds + (since.microseconds > 0)
+  if seconds is None:
+    raise ValueError(
+        f"config.data.end_time={value!r} is not a time (or lies outside the years 1 to "
+        f"9999); expected {_END_TIME_FORMS}.")
+  if split != "temporal":
+    raise ValueError(
+        f"config.data.end_time={value!r} ends the temporal split's window, but "
+        f"config.data.split={split!r}; set split='temporal' or leave end_time ''.")
+  return seconds
+
+
+def check_min_rating(value) -> float:
+  """Returns `config.data.min_rating` as a float, rejecting NaN and +inf (which keep nothing)."""
+  value = float(value)
+  if math.isnan(value) or value == math.inf:
+    raise ValueError(
+        f"config.data.min_rating={value} must be a finite number, or -inf to keep every row.")
+  return value
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails fast, naming the key, on values the schema's types cannot rule out."""
   _check_choice(config.data.kind, data.VALID_KINDS, "data.kind")
@@ -192,6 +255,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.split == "temporal":
     _check_positive(config.data.train_days, "data.train_days")
     _check_positive(config.data.test_days, "data.test_days")
+  end_time_seconds(config.data.end_time, config.data.split)
+  if math.isfinite(check_min_rating(config.data.min_rating)) and config.data.kind == "synthetic":
+    raise ValueError(
+        f"config.data.min_rating={config.data.min_rating} filters by rating, and "
+        "config.data.kind='synthetic' has no ratings; leave it at -inf.")
+  _check_choice(config.data.timestamp_unit, TIMESTAMP_UNITS, "data.timestamp_unit")
   _check_choice(config.model.aggregator, AGGREGATORS, "model.aggregator")
   _check_choice(config.model.init, ("normal", "glorot"), "model.init")
   _check_choice(config.guidance.granularity, GRANULARITIES, "guidance.granularity")

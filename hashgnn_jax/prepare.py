@@ -1,19 +1,28 @@
 """Turns a real interaction log into a split `Dataset`, cached as .npz plus a JSON manifest.
 
-Steps: read (readers.py) -> remap raw ids to 0..U-1 and 0..I-1 (the sorted raw ids are kept as
-maps) -> drop repeated (user, item) pairs -> drop users and items under the minimum counts (to a
-fixed point with `k_core`) -> split into train / validation / test.
+Steps: read (readers.py), dropping rows rated below `min_rating` -> remap raw ids to 0..U-1 and
+0..I-1 (the sorted raw ids are kept as maps) -> drop repeated (user, item) pairs -> drop users and
+items under the minimum counts (to a fixed point with `k_core`) -> split into
+train / validation / test.
 
 Splits (`config.data.split`):
   random     per user: `test_fraction` of each user's pairs go to test (`data.split_per_user`).
   published  LightGCN train.txt / test.txt as published; a pair in both stays in train.
-  temporal   the log ends one second after its last timestamp; test is the last `test_days`
+  temporal   the window ends at `end_time` (exclusive; ISO 8601 UTC or Unix seconds) or, when
+             that is "", one second after the log's last timestamp; test is the last `test_days`
              days before that end and train the `train_days` days before test (Alibaba: 6 + 1).
-             Rows before the train window are dropped first, a repeated pair keeps its first
-             time (so a pair seen in train is never a test item), and the minimum counts are
-             then taken over the whole window, train and test together.
+             Rows outside the window are dropped first (counted as `rows_before_window` and
+             `rows_after_window`), a repeated pair keeps its first time (so a pair seen in train
+             is never a test item), and the minimum counts are then taken over the whole window,
+             train and test together. A fixed end keeps stray timestamps far past the real log
+             (Taobao's UserBehavior.csv has some, years out) from moving the window.
 Every split then holds out `valid_fraction` of each user's training pairs for validation. A user
 or item met only in test keeps its id (it has no training edge); the manifest counts them.
+
+`min_rating` (any split) drops the rows rated below it as they are read, before every step above
+and counted as `rows_below_min_rating` (4.0 keeps MovieLens's 4 and 5 stars as implicit
+positives); a source without ratings refuses it. Integer timestamps of kind `csv` are in
+`timestamp_unit` (s, ms, us or ns) and floored to seconds.
 
 Kinds: `movielens` (ratings.dat, u.data or ratings.csv, or a folder holding one); `gowalla`,
 `lightgcn` and `pinterest` in the LightGCN format (a folder with train.txt and test.txt, or one
@@ -129,6 +138,32 @@ def _settings(data_config: ml_collections.ConfigDict) -> dict:
     }
     settings["delimiter"] = str(get("delimiter"))
     settings["header"] = bool(get("header"))
+  # The three keys below are recorded only when set, so that caches written before they existed
+  # (whose settings lack them) stay valid under the defaults.
+  end_time = config_lib.end_time_seconds(get("end_time"), split)
+  if end_time is not None:
+    settings["end_time"] = end_time
+  min_rating = config_lib.check_min_rating(get("min_rating"))
+  if min_rating != -np.inf:
+    if kind != "movielens" and not (kind == "csv" and settings["columns"]["rating"]):
+      raise ValueError(
+        f"config.data.min_rating={min_rating} filters by rating, and {kind} data has none"
+        + (": set config.data.columns.rating" if kind == "csv" else "; leave it at -inf")
+      )
+    settings["min_rating"] = min_rating
+  unit = str(get("timestamp_unit"))
+  if unit not in config_lib.TIMESTAMP_UNITS:
+    raise ValueError(
+      f"config.data.timestamp_unit={unit!r} is not one of {config_lib.TIMESTAMP_UNITS}."
+    )
+  if unit != "s" and kind != "csv":
+    raise ValueError(
+      f"config.data.timestamp_unit={unit!r} is for the integer timestamps of kind 'csv'; "
+      f"{kind} data has its own fixed format, so leave it at 's'"
+    )
+  # Only the temporal split uses the timestamps.
+  if unit != "s" and split == "temporal" and settings["columns"]["timestamp"]:
+    settings["timestamp_unit"] = unit
   for key in ("valid_fraction", "test_fraction"):
     if key in settings and not 0.0 <= settings[key] < 1.0:
       raise ValueError(f"config.data.{key}={settings[key]} must be in [0, 1).")
@@ -249,6 +284,7 @@ def _read(settings: dict, source: str, statistics: dict) -> _Rows:
       **settings["columns"],
       delimiter=settings["delimiter"],
       header=settings["header"],
+      timestamp_unit=settings.get("timestamp_unit", "s"),
     )
   if split == "published":
     raise ValueError(
@@ -261,11 +297,22 @@ def _read(settings: dict, source: str, statistics: dict) -> _Rows:
       + (" (set config.data.columns.timestamp)" if kind == "csv" else "")
     )
   statistics["rows_read"] = len(table)
-  return _Rows(
+  rows = _Rows(
     users=table.users,
     items=table.items,
     phases=table.timestamps if split == "temporal" else None,
   )
+  if "min_rating" in settings:
+    # Compared in the ratings' float32, so a minimum of 0.1 keeps a rating written as 0.1.
+    keep = table.ratings >= settings["min_rating"]  # [N]
+    statistics["rows_below_min_rating"] = int(keep.size - np.count_nonzero(keep))
+    if not keep.any():
+      raise ValueError(
+        f"config.data.min_rating={settings['min_rating']} drops every row of {source}: its "
+        f"highest rating is {float(np.nanmax(table.ratings, initial=-np.inf))}"
+      )
+    rows.select(keep)
+  return rows
 
 
 def _remap(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -358,7 +405,7 @@ def _no_test_cause(settings: dict, statistics: dict, test_before_filter: int) ->
     f"min_user_interactions={settings['min_user_interactions']}, "
     f"min_item_interactions={settings['min_item_interactions']}, k_core={settings['k_core']}"
   )
-  if statistics["interactions"] == 0:
+  if statistics["interactions"] == 0 and statistics["filter"]["interactions_dropped"]:
     return f"the filters ({filters}) removed every interaction"
   if settings["split"] == "random":
     if settings["test_fraction"] == 0:
@@ -368,10 +415,16 @@ def _no_test_cause(settings: dict, statistics: dict, test_before_filter: int) ->
     return f"the filters ({filters}) removed all {test_before_filter} test interactions"
   if settings["split"] == "temporal":
     window = statistics["window"]
-    return (
+    cause = (
       f"the temporal split's test window (the last {settings['test_days']} day(s): "
       f"{window['test_start']} to {window['end']}) holds no interactions"
     )
+    if "end_time" in settings:
+      cause += (
+        f" ({statistics['rows_before_window']} row(s) lie before the train window and "
+        f"{statistics['rows_after_window']} at or after config.data.end_time)"
+      )
+    return cause
   return "test.txt holds no pair that is not also in train.txt"
 
 
@@ -383,11 +436,17 @@ def _build(settings: dict, source: str) -> tuple[data.Dataset, dict]:
   rows.item_ids, rows.items = _remap(rows.items)
   split, span, test_phase = settings["split"], 2, 1
   if split == "temporal":
-    end = int(rows.phases.max()) + 1
+    end = settings.get("end_time")
+    if end is None:
+      end = int(rows.phases.max()) + 1
     test_start = end - round(settings["test_days"] * _DAY_SECONDS)
     train_start = test_start - round(settings["train_days"] * _DAY_SECONDS)
     inside = rows.phases >= train_start  # [N]
     statistics["rows_before_window"] = int(inside.size - np.count_nonzero(inside))
+    after = rows.phases >= end  # [N]
+    statistics["rows_after_window"] = int(np.count_nonzero(after))
+    inside &= ~after
+    del after
     statistics["window"] = {
       "train_start": _utc(train_start),
       "test_start": _utc(test_start),
@@ -660,8 +719,11 @@ def _define_flags():
   flags.DEFINE_string("out", None, "Folder for the download and the prepared cache.")
   flags.DEFINE_string("sha256", "", "Expected SHA-256 of a downloaded file (else a known one).")
   flags.DEFINE_enum("split", None, SPLITS, "config.data.split.")
-  for name in ("test_fraction", "valid_fraction", "train_days", "test_days"):
+  for name in ("test_fraction", "valid_fraction", "train_days", "test_days", "min_rating"):
     flags.DEFINE_float(name, None, f"config.data.{name}.")
+  flags.DEFINE_string("end_time", None, "config.data.end_time (temporal split).")
+  flags.DEFINE_enum("timestamp_unit", None, config_lib.TIMESTAMP_UNITS,
+                    "config.data.timestamp_unit (csv).")
   for name in ("seed", "min_user_interactions", "min_item_interactions"):
     flags.DEFINE_integer(name, None, f"config.data.{name}.")
   flags.DEFINE_bool("k_core", None, "config.data.k_core.")
@@ -694,7 +756,8 @@ def _prepare_from_flags(values: flags.FlagValues) -> None:
     source = unpack(archive, out_dir=values.out)
   data_config.path = locate_source(values.dataset, source)
   for name in ("split", "test_fraction", "valid_fraction", "train_days", "test_days", "seed",
-               "min_user_interactions", "min_item_interactions", "k_core", "delimiter", "header"):
+               "min_user_interactions", "min_item_interactions", "k_core", "delimiter", "header",
+               "end_time", "min_rating", "timestamp_unit"):
     if values[name].value is not None:
       data_config[name] = values[name].value
   if values.behaviors is not None:

@@ -19,6 +19,8 @@ import numpy as np
 # can make it tiny and put block edges inside lines.
 BLOCK_BYTES = 4 << 20
 USER_BEHAVIOR_TYPES = ("pv", "buy", "cart", "fav")  # Taobao's four behaviour types.
+# Decimal digits below one second in each unit of integer timestamps.
+TIMESTAMP_UNIT_DIGITS = {"s": 0, "ms": 3, "us": 6, "ns": 9}
 
 _MOVIELENS_LAYOUTS = {  # Delimiter -> the layout quoted in errors.
   b"::": "'user::item::rating::timestamp'",
@@ -486,12 +488,21 @@ def read_table(
   rating: str = "",
   delimiter: str = ",",
   header: bool = True,
+  timestamp_unit: str = "s",
 ) -> Interactions:
-  """Reads a CSV/TSV file (or Parquet, by the .parquet extension) with the given columns."""
+  """Reads a CSV/TSV file (or Parquet, by the .parquet extension) with the given columns.
+
+  Integer timestamps are in `timestamp_unit` ('s', 'ms', 'us' or 'ns') and come out as seconds,
+  floored; ISO 8601 text and Parquet timestamp columns carry their own unit.
+  """
+  if timestamp_unit not in TIMESTAMP_UNIT_DIGITS:
+    raise ValueError(
+      f"timestamp_unit must be one of {tuple(TIMESTAMP_UNIT_DIGITS)}, got {timestamp_unit!r}"
+    )
   roles = {"user": user, "item": item, "timestamp": timestamp, "rating": rating}
   roles = {role: spec for role, spec in roles.items() if spec}
   if path.endswith(".parquet"):
-    return _read_parquet(path, roles)
+    return _read_parquet(path, roles, timestamp_unit=timestamp_unit)
   separator = _unescape(delimiter)
   # The first line fixes the number of fields (and, with a header, the column names).
   lines = _first_block(path, delimiter=separator)
@@ -522,7 +533,9 @@ def read_table(
       elif role == "rating":
         chunks[role].append(_float_column(lines, field_starts, field_ends, f"a number as {what}"))
       else:
-        seconds, iso = _time_column(lines, field_starts, field_ends, what, iso=iso)
+        seconds, iso = _time_column(
+          lines, field_starts, field_ends, what, iso=iso, unit=timestamp_unit
+        )
         chunks[role].append(seconds)
   return _interactions(chunks, path)
 
@@ -541,20 +554,49 @@ def _interactions(columns: dict[str, _Column], path: str) -> Interactions:
   )
 
 
+def _parse_time_ints(
+  data: np.ndarray, starts: np.ndarray, ends: np.ndarray, digits: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """Parses signed integers in units of 10**-digits seconds into seconds [N], floored.
+
+  Returns the seconds and a not-a-number mask, like `_parse_ints`. The last `digits` characters
+  are parsed apart from the rest: nanosecond times since 2001 have 19 digits, one more than
+  `_parse_ints` takes, and the division then needs no arithmetic on the full value.
+  """
+  if not digits:
+    return _parse_ints(data, starts, ends, signed=True)
+  negative = (starts < ends) & (data[starts] == ord("-"))  # [N]
+  starts = starts + negative
+  cuts = np.maximum(ends - digits, starts)  # [N]
+  seconds, bad_whole = _parse_ints(data, starts, cuts)
+  fraction, bad = _parse_ints(data, cuts, ends)  # An empty field fails here.
+  bad |= bad_whole & (cuts > starts)  # No whole part ('500' ms) is zero seconds.
+  # Floor division: a negative time with a fraction lies one second further down.
+  np.negative(seconds + (fraction > 0), out=seconds, where=negative)
+  return seconds, bad
+
+
 def _time_column(
-  lines: _Lines, starts: np.ndarray, ends: np.ndarray, what: str, *, iso: bool | None
+  lines: _Lines,
+  starts: np.ndarray,
+  ends: np.ndarray,
+  what: str,
+  *,
+  iso: bool | None,
+  unit: str = "s",
 ) -> tuple[np.ndarray, bool]:
-  """Parses integer seconds or ISO 8601 date-times ('2017-11-25 10:00:00') into seconds.
+  """Parses integers in `unit` or ISO 8601 date-times ('2017-11-25 10:00:00') into seconds.
 
   `iso` is the form the file's earlier blocks used (None before the first), so that one file
   never mixes the two; returns the seconds [N] and the form used.
   """
-  values, bad = _parse_ints(lines.data, starts, ends, signed=True)
+  values, bad = _parse_time_ints(lines.data, starts, ends, TIMESTAMP_UNIT_DIGITS[unit])
   if iso is None:
     iso = bool(bad.all())
   if not iso:
     if bad.any():
-      raise lines.error(int(np.argmax(bad)), f"integer seconds as {what}")
+      names = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}
+      raise lines.error(int(np.argmax(bad)), f"integer {names[unit]} as {what}")
     return values, iso
   expected = f"an ISO 8601 date-time as {what}"
   text = _text_column(lines, starts, ends, expected)
@@ -613,8 +655,11 @@ def read_user_behavior(
   )
 
 
-def _read_parquet(path: str, roles: dict[str, str]) -> Interactions:
-  """Reads the mapped columns of a Parquet file batch by batch (needs pyarrow)."""
+def _read_parquet(path: str, roles: dict[str, str], *, timestamp_unit: str = "s") -> Interactions:
+  """Reads the mapped columns of a Parquet file batch by batch (needs pyarrow).
+
+  An integer timestamp column is in `timestamp_unit`; a timestamp-typed one in its own unit.
+  """
   try:
     import pyarrow as pa  # pylint: disable=g-import-not-at-top
     import pyarrow.compute as pc  # pylint: disable=g-import-not-at-top
@@ -629,6 +674,7 @@ def _read_parquet(path: str, roles: dict[str, str]) -> Interactions:
   columns = {role: names[_column_index(spec, names, role, path)] for role, spec in roles.items()}
   dtypes = {"user": np.int64, "item": np.int64, "timestamp": np.int64, "rating": np.float32}
   chunks = {role: _Column(parquet.metadata.num_rows, dtypes[role]) for role in columns}
+  per_unit = 10 ** TIMESTAMP_UNIT_DIGITS[timestamp_unit]
   offset = 0
   for batch in parquet.iter_batches(columns=sorted(set(columns.values()))):
     for role, name in columns.items():
@@ -641,6 +687,8 @@ def _read_parquet(path: str, roles: dict[str, str]) -> Interactions:
         values = array.to_numpy(zero_copy_only=False).astype(np.float32)
       elif pa.types.is_integer(kind):
         values = array.to_numpy(zero_copy_only=False).astype(np.int64)
+        if role == "timestamp" and per_unit > 1:
+          values //= per_unit
       elif role == "timestamp" and pa.types.is_timestamp(kind):
         per_second = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[kind.unit]
         values = array.cast(pa.int64()).to_numpy() // per_second

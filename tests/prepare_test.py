@@ -231,6 +231,171 @@ def test_zero_test_users_names_the_cause(tmp_path):
     prepare.prepare_dataset(_config("alibaba", path, min_item_interactions=5))
 
 
+def _stray_log(tmp_path):
+  """A UserBehavior log of the nominal nine days plus stray rows years after them."""
+  end = _START + 9 * _DAY  # 2017-12-03T16:00:00Z, midnight after the last day in UTC+8.
+  test_start, train_start = end - _DAY, end - 7 * _DAY
+  rows = [
+    (1, 10, "pv", end - 1),  # Last second of the window: test.
+    (1, 11, "pv", test_start),  # test.
+    (1, 12, "pv", test_start - 1),  # train.
+    (1, 13, "pv", train_start),  # train.
+    (1, 14, "pv", train_start - 1),  # Before the window.
+    (2, 12, "buy", train_start + 5),  # train.
+    (2, 13, "cart", test_start + 9),  # test.
+    (2, 15, "pv", end),  # The end itself is outside.
+    (1, 17, "pv", end + 2 * 365 * _DAY),  # Stray rows, years out.
+    (3, 16, "pv", end + 3 * 365 * _DAY),
+  ]
+  return _write_user_behavior(tmp_path / "UserBehavior.csv", rows), (train_start, test_start, end)
+
+
+def test_temporal_end_time_ignores_stray_rows(tmp_path):
+  path, seconds = _stray_log(tmp_path)
+  # Without an end, the last stray row ends the log: its day is the whole test window.
+  dataset = prepare.prepare_dataset(_config("alibaba", path, split="temporal"))
+  assert _pairs(dataset, "test") == {(3, 16)} and not _pairs(dataset, "train")
+
+  arrays = []
+  for end_time in ("2017-12-03T16:00:00", "1512316800", "2017-12-04T00:00:00+08:00"):
+    config = _config(
+      "alibaba", path, split="temporal", end_time=end_time, cache_dir=str(tmp_path / end_time)
+    )
+    dataset, manifest = prepare._load_or_prepare(config)
+    assert _pairs(dataset, "train") == {(1, 12), (1, 13), (2, 12)}
+    assert _pairs(dataset, "test") == {(1, 10), (1, 11), (2, 13)}
+    statistics = manifest["statistics"]
+    assert statistics["window"]["seconds"] == list(seconds)
+    assert statistics["window"]["end"] == "2017-12-03T16:00:00+00:00"
+    assert statistics["rows_before_window"] == 1
+    assert statistics["rows_after_window"] == 3
+    assert manifest["settings"]["end_time"] == 1_512_316_800
+    arrays.append([getattr(dataset, name) for name in prepare._ARRAYS])
+  for other in arrays[1:]:
+    for first, second in zip(arrays[0], other):
+      np.testing.assert_array_equal(first, second)
+
+
+@pytest.mark.parametrize(
+  "value, seconds",
+  [
+    ("", None),
+    ("2017-12-04", 1_512_345_600),
+    (" 2017-12-04 00:00:00 ", 1_512_345_600),
+    ("2017-12-04T00:00:00Z", 1_512_345_600),
+    ("2017-12-04T08:00:00+08:00", 1_512_345_600),
+    ("2017-12-03T23:59:59.25", 1_512_345_600),  # Rounds up: t < end keeps the same rows.
+    ("1512345600", 1_512_345_600),
+    ("-86400", -86_400),
+  ],
+)
+def test_end_time_forms(value, seconds):
+  assert config_lib.end_time_seconds(value, "temporal") == seconds
+
+
+def test_end_time_errors(tmp_path):
+  path, _ = _stray_log(tmp_path)
+  for value in ("next tuesday", "2017-13-01", "99999999999999"):
+    with pytest.raises(ValueError, match=r"config\.data\.end_time=.* is not a time .*ISO 8601"):
+      prepare.prepare_dataset(_config("alibaba", path, split="temporal", end_time=value))
+  message = r"config\.data\.end_time='2017-12-04' ends the temporal .*config\.data\.split='random'"
+  with pytest.raises(ValueError, match=message):
+    prepare.prepare_dataset(_config("alibaba", path, split="random", end_time="2017-12-04"))
+  config = config_lib.default_config()
+  config.data.end_time = "2017-12-04"
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(config)
+  # An end before the whole log leaves the window empty; the error counts where the rows went.
+  with pytest.raises(ValueError, match=r"test window .* no interactions \(0 row\(s\) lie before "
+                     r"the train window and 10 at or after config\.data\.end_time\)"):
+    prepare.prepare_dataset(_config("alibaba", path, split="temporal", end_time="2017-01-01"))
+
+
+def _write_ratings(path):
+  ratings = [(1, 10, 5), (1, 11, 3), (1, 12, 4), (2, 10, 4.5), (2, 13, 2), (2, 14, 4), (3, 11, 1)]
+  path.write_text("".join(f"{u}::{i}::{r}::97830{k:04d}\n" for k, (u, i, r) in enumerate(ratings)))
+  return path
+
+
+def test_min_rating_keeps_implicit_positives(tmp_path):
+  path = _write_ratings(tmp_path / "ratings.dat")
+  dataset, manifest = prepare._load_or_prepare(
+    _config("movielens", path, min_rating=4.0, test_fraction=0.5)
+  )
+  kept = {(1, 10), (1, 12), (2, 10), (2, 14)}  # 4 is kept: the minimum is inclusive.
+  assert _pairs(dataset, "train") | _pairs(dataset, "test") == kept
+  assert dataset.user_ids.tolist() == [1, 2] and dataset.item_ids.tolist() == [10, 12, 14]
+  assert manifest["statistics"]["rows_read"] == 7
+  assert manifest["statistics"]["rows_below_min_rating"] == 3
+  assert manifest["settings"]["min_rating"] == 4.0
+
+
+def test_min_rating_needs_ratings(tmp_path):
+  behavior = _write_user_behavior(tmp_path / "UserBehavior.csv", [(1, 2, "pv", _START)])
+  with pytest.raises(ValueError, match=r"config\.data\.min_rating=4\.0 .* alibaba data has none"):
+    prepare.prepare_dataset(_config("alibaba", behavior, min_rating=4.0))
+  table = tmp_path / "log.csv"
+  table.write_text("user,item,stars\n1,2,5\n1,3,1\n2,2,4\n2,4,4\n")
+  with pytest.raises(ValueError, match=r"csv data has none: set config\.data\.columns\.rating"):
+    prepare.prepare_dataset(_config("csv", table, min_rating=4.0))
+  columns = {"user": "user", "item": "item", "rating": "stars"}
+  dataset = prepare.prepare_dataset(_config("csv", table, min_rating=4.0, columns=columns))
+  assert _pairs(dataset, "train") | _pairs(dataset, "test") == {(1, 2), (2, 2), (2, 4)}
+  ratings = _write_ratings(tmp_path / "ratings.dat")
+  with pytest.raises(ValueError, match=r"min_rating=6\.0 drops every row .* highest rating is 5"):
+    prepare.prepare_dataset(_config("movielens", ratings, min_rating=6.0))
+  for value in (float("nan"), float("inf")):
+    with pytest.raises(ValueError, match=r"config\.data\.min_rating=.* must be a finite number"):
+      prepare.prepare_dataset(_config("movielens", ratings, min_rating=value))
+  config = config_lib.default_config()
+  config.data.min_rating = 4.0
+  with pytest.raises(ValueError, match=r"config\.data\.kind='synthetic' has no ratings"):
+    config_lib.validate(config)
+
+
+def test_timestamp_unit_milliseconds_split_like_seconds(tmp_path):
+  end = _START + 9 * _DAY
+  test_start, train_start = end - _DAY, end - 7 * _DAY
+  # (user, item, milliseconds); the seconds file holds them floored.
+  rows = [
+    (1, 10, (end - 1) * 1000 + 999),  # Last row: test.
+    (1, 11, test_start * 1000),  # test.
+    (1, 12, test_start * 1000 - 1),  # The millisecond before test: train.
+    (1, 13, train_start * 1000),  # train.
+    (1, 14, train_start * 1000 - 1),  # Before the window.
+    (2, 12, (test_start + 5) * 1000 + 500),  # test.
+    (2, 13, (train_start + 9) * 1000),  # train.
+  ]
+  millis = tmp_path / "ms" / "log.csv"
+  seconds = tmp_path / "s" / "log.csv"
+  for path, scale in ((millis, 1), (seconds, 1000)):
+    path.parent.mkdir()
+    path.write_text("u,i,t\n" + "".join(f"{u},{i},{t // scale}\n" for u, i, t in rows))
+  columns = {"user": "u", "item": "i", "timestamp": "t"}
+  results = []
+  for path, unit in ((millis, "ms"), (seconds, "s")):
+    config = _config("csv", path, split="temporal", columns=columns, timestamp_unit=unit)
+    dataset, manifest = prepare._load_or_prepare(config)
+    assert _pairs(dataset, "train") == {(1, 12), (1, 13), (2, 13)}
+    assert _pairs(dataset, "test") == {(1, 10), (1, 11), (2, 12)}
+    assert manifest["statistics"]["window"]["seconds"] == [train_start, test_start, end]
+    results.append(manifest)
+  assert results[0]["settings"]["timestamp_unit"] == "ms"
+  assert "timestamp_unit" not in results[1]["settings"]
+
+
+def test_timestamp_unit_errors(tmp_path):
+  config = config_lib.default_config()
+  config.data.timestamp_unit = "min"
+  with pytest.raises(ValueError, match=r"config\.data\.timestamp_unit='min' is not one of"):
+    config_lib.validate(config)
+  path = _write_user_behavior(tmp_path / "UserBehavior.csv", [(1, 2, "pv", _START)])
+  with pytest.raises(ValueError, match=r"config\.data\.timestamp_unit='min' is not one of"):
+    prepare.prepare_dataset(_config("csv", path, timestamp_unit="min"))
+  with pytest.raises(ValueError, match=r"timestamp_unit='ms' is for .* kind 'csv'; alibaba"):
+    prepare.prepare_dataset(_config("alibaba", path, timestamp_unit="ms"))
+
+
 @pytest.mark.parametrize(
   "kind, overrides, match",
   [
@@ -309,6 +474,44 @@ def test_cache_reuse_and_rebuild(tmp_path, monkeypatch, caplog):
   assert len(builds) == 3 and "does not match its manifest" in caplog.text
   data.load_dataset(config)
   assert len(builds) == 3
+
+
+def test_new_settings_rebuild_and_old_caches_stay_valid(tmp_path, monkeypatch, caplog):
+  caplog.set_level(logging.INFO)
+  builds = []
+  build = prepare._build
+  monkeypatch.setattr(prepare, "_build", lambda *args: builds.append(1) or build(*args))
+  ratings = _config("movielens", _write_ratings(tmp_path / "ratings.dat"))
+  _, manifest = prepare._load_or_prepare(ratings)
+  # What the code before these settings wrote: an old cache holds exactly these keys.
+  assert manifest["settings"] == {
+    "kind": "movielens", "split": "random", "seed": 0, "valid_fraction": 0.0,
+    "min_user_interactions": 0, "min_item_interactions": 0, "k_core": False,
+    "test_fraction": 0.3,
+  }
+  _, manifest_path = prepare.cache_paths(ratings)
+  with open(manifest_path, encoding="utf-8") as f:
+    assert "Infinity" not in f.read()  # -inf is not JSON.
+  caplog.clear()
+  prepare.load_or_prepare(ratings)
+  assert len(builds) == 1 and "Reusing the prepared cache" in caplog.text
+  ratings.min_rating = 4.0
+  prepare.load_or_prepare(ratings)
+  assert len(builds) == 2 and "settings changed (min_rating: None -> 4.0)" in caplog.text
+
+  path, _ = _stray_log(tmp_path)
+  log = _config("alibaba", path, split="temporal")
+  _, manifest = prepare._load_or_prepare(log)
+  assert "end_time" not in manifest["settings"] and "min_rating" not in manifest["settings"]
+  caplog.clear()
+  prepare.load_or_prepare(log)
+  assert len(builds) == 3 and "Reusing the prepared cache" in caplog.text
+  log.end_time = "2017-12-03T16:00:00"
+  prepare.load_or_prepare(log)
+  assert len(builds) == 4 and "settings changed (end_time: None -> 1512316800)" in caplog.text
+  log.end_time = "1512316801"
+  prepare.load_or_prepare(log)
+  assert len(builds) == 5 and "(end_time: 1512316800 -> 1512316801)" in caplog.text
 
 
 def test_a_crash_while_writing_leaves_no_cache(tmp_path, monkeypatch):

@@ -187,6 +187,40 @@ def test_table_multibyte_delimiter_and_iso_times(tmp_path):
 
 
 @pytest.mark.parametrize(
+  "unit, body, seconds",
+  [
+    # Floor division, negative times included: -1 ms is in second -1, -1001 ms in second -2.
+    ("ms", "1511539200999\n1511539201000\n5\n-1\n-1000\n-1001\n",
+     [1511539200, 1511539201, 0, -1, -1, -2]),
+    ("us", "1511539200000001\n-1\n", [1511539200, -1]),
+    # 19 digits, one more than a plain int64 parse takes.
+    ("ns", "1511539200999999999\n-1500000000\n999999999\n", [1511539200, -2, 0]),
+  ],
+)
+def test_table_integer_timestamp_units_floor_to_seconds(tmp_path, unit, body, seconds, block_bytes):
+  rows = "".join(f"a,b{k},{t}\n" for k, t in enumerate(body.split()))
+  path = _write(tmp_path / "log.csv", "u,i,t\n" + rows)
+  table = readers.read_table(path, user="u", item="i", timestamp="t", timestamp_unit=unit)
+  np.testing.assert_array_equal(table.timestamps, seconds)
+  assert table.timestamps.dtype == np.int64
+
+
+def test_table_timestamp_unit_leaves_iso_times_and_checks_the_unit(tmp_path):
+  path = _write(tmp_path / "log.csv", "u,i,t\na,b,2017-11-25 10:00:00\nc,d,2017-11-26\n")
+  table = readers.read_table(path, user="u", item="i", timestamp="t", timestamp_unit="ns")
+  np.testing.assert_array_equal(table.timestamps, [1511604000, 1511654400])
+  path = _write(tmp_path / "bad.csv", "u,i,t\na,b,1511539200000\nc,d,15115392x0000\n")
+  with pytest.raises(ValueError) as info:
+    readers.read_table(path, user="u", item="i", timestamp="t", timestamp_unit="ms")
+  assert str(info.value) == (
+    f"{path}:3: expected integer milliseconds as a timestamp in column 't', "
+    "got 'c,d,15115392x0000'"
+  )
+  with pytest.raises(ValueError, match=r"timestamp_unit must be one of .* got 'min'"):
+    readers.read_table(path, user="u", item="i", timestamp="t", timestamp_unit="min")
+
+
+@pytest.mark.parametrize(
   "body, line, expected",
   [
     ("a,b,1\nc,d\n", 3, "3 fields separated by ','"),
@@ -310,6 +344,13 @@ def test_parquet_columns(tmp_path):
   assert read.items.dtype == np.int64
   np.testing.assert_array_equal(read.timestamps, [1511539200, 1511539201, 1511539202])
   np.testing.assert_array_equal(read.ratings, [1.0, 2.5, 3.0])
+
+  # The unit applies to an integer column only; a timestamp-typed one carries its own.
+  pq.write_table(table.append_column("ms", pa.array([1511539200_999, -1, 2_000])), path)
+  read = readers.read_table(path, user="who", item="item", timestamp="ms", timestamp_unit="ms")
+  np.testing.assert_array_equal(read.timestamps, [1511539200, -1, 2])
+  read = readers.read_table(path, user="who", item="item", timestamp="when", timestamp_unit="ms")
+  np.testing.assert_array_equal(read.timestamps, [1511539200, 1511539201, 1511539202])
 
   pq.write_table(pa.table({"u": [1, None], "i": [2, 3]}), path)
   with pytest.raises(ValueError, match="log.parquet: row 2: the user column 'u' is null"):

@@ -31,8 +31,36 @@ def _chunked_neighbour_sums(x, senders, receivers, weights, *, edge_chunk, num_n
   return jax.lax.fori_loop(0, num_chunks, body, init)
 
 
+@functools.partial(jax.jit, static_argnames=("model", "method", "layer", "row_chunk"))
+def _apply_by_rows(model: model_lib.HashGNN, params, *rows, method: str, layer: int | None,
+                   row_chunk: int):
+  """HashGNN.<method> over chunks of `row_chunk` rows of its [N, ...] arguments: [N, F].
+
+  Row by row the layers are independent, so only chunk-sized intermediates exist: whole, the
+  mean and the Dense's input were each another [N, width] array (2.4 GB at Alibaba size).
+  """
+  fn = getattr(model_lib.HashGNN, method)
+  extra = () if layer is None else (layer,)
+  apply = lambda *window: model.apply({"params": params}, *extra, *window, method=fn)
+  num_rows = rows[0].shape[0]
+  size = min(row_chunk, num_rows)
+  out = jax.eval_shape(apply, *(jax.ShapeDtypeStruct((size,) + a.shape[1:], a.dtype)
+                                for a in rows))
+  out = jnp.zeros((num_rows,) + out.shape[1:], out.dtype)
+
+  def chunk(start, size, out):
+    window = (jax.lax.dynamic_slice_in_dim(a, start, size) for a in rows)
+    return jax.lax.dynamic_update_slice_in_dim(out, apply(*window), start, 0)
+
+  num_full = num_rows // size
+  out = jax.lax.fori_loop(0, num_full, lambda i, out: chunk(i * size, size, out), out)
+  if num_rows % size:  # The last, shorter chunk has a shape of its own.
+    out = chunk(num_full * size, num_rows % size, out)
+  return out
+
+
 def encode_nodes(model: model_lib.HashGNN, params, graph: graph_lib.BipartiteGraph, *,
-                 edge_chunk: int) -> np.ndarray:
+                 edge_chunk: int, row_chunk: int = 1 << 16) -> np.ndarray:
   """Continuous codes z of all nodes (users first, then items): [N, K] float32."""
   num_nodes = graph.num_nodes
   num_directed = len(graph.indices)
@@ -46,12 +74,12 @@ def encode_nodes(model: model_lib.HashGNN, params, graph: graph_lib.BipartiteGra
   weights[:num_directed] = 1.0
   senders, receivers, weights = map(jnp.asarray, (senders, receivers, weights))
 
-  variables = {"params": params}
-  node_ids = jnp.arange(num_nodes, dtype=jnp.int32)
-  x = model.apply(variables, node_ids, method=model_lib.HashGNN.embed)
+  by_rows = functools.partial(_apply_by_rows, model, params, row_chunk=row_chunk)
+  x = model.apply({"params": params}, method=model_lib.HashGNN.embed_all)  # [N, D]
   for layer in range(len(model.hidden_dims)):
     sums, degree = _chunked_neighbour_sums(x, senders, receivers, weights,
                                            edge_chunk=edge_chunk, num_nodes=num_nodes)
-    x = model.apply(variables, layer, x, sums, degree, method=model_lib.HashGNN.aggregate)
-  z = model.apply(variables, x, node_ids, method=model_lib.HashGNN.hash)
+    x = by_rows(x, sums, degree, method="aggregate", layer=layer)
+    del sums, degree  # Before the next layer's sums exist: 1.2-2.4 GB each at Alibaba size.
+  z = by_rows(x, jnp.arange(num_nodes, dtype=jnp.int32), method="hash", layer=None)
   return np.asarray(z, np.float32)

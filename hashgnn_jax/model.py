@@ -174,6 +174,10 @@ class HashGNN(nn.Module):
     """Layer-0 features of nodes: [N] int -> [N, D]."""
     return self.features(self.embedding(node_ids))
 
+  def embed_all(self) -> jax.Array:
+    """Layer-0 features of every node in id order, [N, D], from the table itself (no gather)."""
+    return self.features(self.embedding.embedding)
+
   def features(self, rows: jax.Array) -> jax.Array:
     """Layer-0 features from embedding rows gathered by the caller: [N, E] -> [N, D].
 

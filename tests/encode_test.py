@@ -29,7 +29,7 @@ def _numpy_encode(params, graph, kind):
 
 
 @pytest.mark.parametrize("kind", ["gcn", "sage"])
-def test_encode_matches_numpy_for_any_chunk(kind):
+def test_encode_matches_numpy_for_any_chunks(kind):
   rng = np.random.default_rng(0)
   num_users, num_items = 9, 7
   pairs = {(int(rng.integers(num_users)), int(rng.integers(num_items))) for _ in range(30)}
@@ -42,7 +42,7 @@ def test_encode_matches_numpy_for_any_chunk(kind):
   tree = graph_lib.sampled_tree_graph(np.zeros(3, np.int32), np.ones(2, bool), 1, (1, 1))
   params = model.init(jax.random.PRNGKey(2), tree, 1, (1, 1))["params"]
   expected = _numpy_encode(params, graph, kind)
-  for chunk in (1, 7, 10_000):
-    z = encode.encode_nodes(model, params, graph, edge_chunk=chunk)
+  for edge_chunk, row_chunk in ((1, 1), (7, 5), (10_000, 10_000)):
+    z = encode.encode_nodes(model, params, graph, edge_chunk=edge_chunk, row_chunk=row_chunk)
     assert z.shape == (num_users + num_items, 6)
     np.testing.assert_allclose(z, expected, rtol=1e-4, atol=1e-5)

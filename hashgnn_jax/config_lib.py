@@ -11,6 +11,7 @@ import re
 import ml_collections
 
 from hashgnn_jax import data
+from hashgnn_jax import readers
 
 VARIANTS = ("paper", "authors_code")
 AGGREGATORS = ("gcn", "sage")
@@ -23,7 +24,7 @@ PROTOCOLS = ("standard", "paper")
 SPLITS = ("random", "published", "temporal")
 SAMPLER_MODES = ("node", "tree")
 EMBEDDING_UPDATES = ("rowwise", "dense")
-TIMESTAMP_UNITS = ("s", "ms", "us", "ns")
+TIMESTAMP_UNITS = tuple(readers.TIMESTAMP_UNIT_DIGITS)
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 _END_TIME_FORMS = (
   "an ISO 8601 date or date-time, read as UTC unless it carries an offset ('2017-12-04', "

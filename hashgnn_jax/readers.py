@@ -690,8 +690,7 @@ def _read_parquet(path: str, roles: dict[str, str], *, timestamp_unit: str = "s"
         if role == "timestamp" and per_unit > 1:
           values //= per_unit
       elif role == "timestamp" and pa.types.is_timestamp(kind):
-        per_second = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[kind.unit]
-        values = array.cast(pa.int64()).to_numpy() // per_second
+        values = array.cast(pa.int64()).to_numpy() // 10 ** TIMESTAMP_UNIT_DIGITS[kind.unit]
       elif role != "timestamp" and (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         # Dictionary encoding makes Python strings only for the distinct values, not per row.
         encoded = pc.dictionary_encode(array)

@@ -101,12 +101,15 @@ def main(argv):
   hits = {"standard": [], "paper": []}
   for lo in range(0, users.size, FLAGS.user_chunk):
     chunk = users[lo:lo + FLAGS.user_chunk]
+    # Dataset pairs are sorted by user: the chunk's own held-out pairs, not the whole split,
+    # go to hit_matrix, which sorts what it is given.
+    pairs = slice(*np.searchsorted(split_users, [chunk[0], chunk[-1] + 1]))
     scores = jnp.asarray((train[chunk] @ sim).toarray())  # [C, I]
     for protocol, excluded in (("standard", jnp.asarray(known[chunk].toarray())),
                                ("paper", no_exclusion)):
       ranked = np.asarray(_top(scores, tie_order, excluded, num_results=max(cutoffs)))
-      hits[protocol].append(
-          metrics_lib.hit_matrix(ranked, chunk, split_users, split_items, num_items))
+      hits[protocol].append(metrics_lib.hit_matrix(
+          ranked, chunk, split_users[pairs], split_items[pairs], num_items))
   score_seconds = time.perf_counter() - start
 
   record = {

@@ -106,8 +106,8 @@ def worker(args) -> dict:
   del users, items
   devices = jax.local_devices()[:1]
   model = model_lib.create_model(config.model, num_users, num_items)
-  tx = train.create_optimizer(config.train)
   per_epoch = train.steps_per_epoch(graph.num_edges, args.batch)
+  tx = train.create_optimizer(config.train, train.total_steps(config.train, per_epoch))
   replicated, shard_ids = train.device_layout(devices)
   state = jax.device_put(
       train.create_train_state(model, tx, jax.random.PRNGKey(0), update), replicated)

@@ -24,6 +24,7 @@ PROTOCOLS = ("standard", "paper")
 SPLITS = ("random", "published", "temporal")
 SAMPLER_MODES = ("node", "tree")
 EMBEDDING_UPDATES = ("rowwise", "dense")
+LR_SCHEDULES = ("constant", "cosine")
 TIMESTAMP_UNITS = tuple(readers.TIMESTAMP_UNIT_DIGITS)
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 _END_TIME_FORMS = (
@@ -122,7 +123,11 @@ def default_config() -> ml_collections.ConfigDict:
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 256  # Positive edges per step, across all devices.
-  config.train.learning_rate = 1e-3
+  config.train.learning_rate = 1e-3  # Peak rate; the paper keeps it constant.
+  # constant, or cosine: decays from the peak to lr_end_fraction × peak over the run's steps.
+  config.train.lr_schedule = "constant"
+  config.train.lr_end_fraction = 0.0  # cosine only.
+  config.train.warmup_steps = 0  # Linear warm-up from 0 to the peak first (either schedule).
   # rowwise: lazy Adam on the embedding rows a step touches, so a step's cost does not grow with
   # the catalogue (optim.py has the semantics); dense: optax Adam over the whole table.
   config.train.embedding_update = "rowwise"
@@ -270,6 +275,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice(config.loss.rank, RANK_LOSSES, "loss.rank")
   _check_choice(config.sampler.mode, SAMPLER_MODES, "sampler.mode")
   _check_choice(config.train.embedding_update, EMBEDDING_UPDATES, "train.embedding_update")
+  _check_choice(config.train.lr_schedule, LR_SCHEDULES, "train.lr_schedule")
+  if not 0.0 <= config.train.lr_end_fraction <= 1.0:
+    raise ValueError(
+        f"config.train.lr_end_fraction={config.train.lr_end_fraction} must be in [0, 1].")
+  if config.train.warmup_steps < 0:
+    raise ValueError(f"config.train.warmup_steps={config.train.warmup_steps} must be >= 0.")
   for mode in config.eval.modes:
     _check_choice(mode, EVAL_MODES, "eval.modes")
   if not config.eval.protocols:

@@ -19,6 +19,7 @@ So when every row is touched every step, this is dense Adam (`optax.adam`) exact
 import flax
 import jax
 import jax.numpy as jnp
+import optax
 
 from hashgnn_jax import graph as graph_lib
 
@@ -67,12 +68,13 @@ def combine_row_grads(ids: jax.Array, grads: jax.Array, marks: jax.Array,
 
 
 def row_adam_update(table: jax.Array, state: RowAdamState, ids: jax.Array, grads: jax.Array, *,
-                    learning_rate: float, b1: float = 0.9, b2: float = 0.999,
+                    learning_rate: float | optax.Schedule, b1: float = 0.9, b2: float = 0.999,
                     eps: float = 1e-8, streaming: bool | None = None
                     ) -> tuple[jax.Array, RowAdamState]:
   """Applies one lazy Adam step to rows `ids` [G] (distinct; `num_rows` = padding) of table [R, D].
 
-  The defaults are optax.adam's. Two implementations of the same update:
+  The defaults are optax.adam's; a schedule is called with the count of earlier updates, as
+  optax.adam calls it, so both follow one lr(t) in step. Two implementations of the same update:
   - gathered: read the G rows of the table and both moments, update, write them back; O(G), but
     each access is a random row (~3-6 ns per element on CPU, against ~0.3 when sequential);
   - streaming: scatter the gradients into a dense buffer, then one sequential pass over all R
@@ -80,6 +82,8 @@ def row_adam_update(table: jax.Array, state: RowAdamState, ids: jax.Array, grads
   `streaming=None` takes the streaming one when G >= R * STREAMING_SHARE (G is static: the
   largest number of rows a step can touch).
   """
+  if callable(learning_rate):
+    learning_rate = learning_rate(state.count)
   count = state.count + 1
   t = count.astype(grads.dtype)
 

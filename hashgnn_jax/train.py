@@ -69,8 +69,28 @@ def create_guidance_schedule(guidance_config, per_epoch: int) -> optax.Schedule:
                    f"{config_lib.SCHEDULES}.")
 
 
-def create_optimizer(train_config) -> optax.GradientTransformation:
-  return optax.adam(train_config.learning_rate)
+def create_learning_rate(train_config, num_steps: int) -> optax.Schedule:
+  """lr(t) for the t-th update (t = 0 first), shared by optax Adam and the row-wise update."""
+  peak, warmup = train_config.learning_rate, int(train_config.warmup_steps)
+  if warmup >= num_steps:
+    raise ValueError(f"config.train.warmup_steps={warmup} must be below the run's {num_steps} "
+                     "steps.")
+  if train_config.lr_schedule == "cosine":
+    after_warmup = optax.cosine_decay_schedule(peak, num_steps - warmup,
+                                               alpha=train_config.lr_end_fraction)
+  elif train_config.lr_schedule == "constant":
+    after_warmup = optax.constant_schedule(peak)
+  else:
+    raise ValueError(f"config.train.lr_schedule={train_config.lr_schedule!r} is not one of "
+                     f"{config_lib.LR_SCHEDULES}.")
+  if warmup == 0:
+    return after_warmup
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after_warmup], [warmup])
+
+
+def create_optimizer(train_config, num_steps: int) -> optax.GradientTransformation:
+  """Adam on the learning-rate schedule of a run of `num_steps` (the cosine's length)."""
+  return optax.adam(create_learning_rate(train_config, num_steps))
 
 
 def split_embedding(params) -> tuple[jax.Array, dict]:
@@ -130,7 +150,7 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
 
   node_mode = config.sampler.mode == "node"
   rowwise = config.train.embedding_update == "rowwise"
-  learning_rate = config.train.learning_rate
+  learning_rate = create_learning_rate(config.train, total_steps(config.train, per_epoch))
 
   def sample(graph, edge_ids, keys, sample_key, marks):
     """The batch's sample and the embedding rows it reads: (sample, ids [S], valid [S], marks)."""
@@ -243,7 +263,7 @@ class Experiment:
     self.num_steps = total_steps(config.train, self.per_epoch)
     self.model = model_lib.create_model(config.model, self.dataset.num_users,
                                         self.dataset.num_items)
-    self.tx = create_optimizer(config.train)
+    self.tx = create_optimizer(config.train, self.num_steps)
     root = jax.random.PRNGKey(config.seed)
     self.init_rng, self.order_rng, self.step_rng = jax.random.split(root, 3)
 

@@ -14,8 +14,8 @@ from hashgnn_jax import optim
 LR = 0.05
 
 
-def _dense_adam_steps(table, grads_per_step):
-  tx = optax.adam(LR)
+def _dense_adam_steps(table, grads_per_step, learning_rate=LR):
+  tx = optax.adam(learning_rate)
   state = tx.init(table)
   for grads in grads_per_step:
     updates, state = tx.update(grads, state, table)
@@ -37,6 +37,23 @@ def test_every_row_touched_equals_dense_adam(streaming):
                                         streaming=streaming)
   np.testing.assert_allclose(rows, _dense_adam_steps(table, grads), rtol=1e-6, atol=1e-7)
   assert int(state.count) == 4
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_schedule_follows_optax_step_count(streaming):
+  # A schedule is called with the number of earlier updates, as optax.adam calls it.
+  schedule = optax.linear_schedule(LR, LR / 10, transition_steps=3)
+  rng = np.random.default_rng(3)
+  table = jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)
+  grads = [jnp.asarray(rng.normal(size=(4, 2)), jnp.float32) for _ in range(4)]
+  rows, state = table, optim.row_adam_init(table)
+  for g in grads:
+    rows, state = optim.row_adam_update(rows, state, jnp.arange(4), g, learning_rate=schedule,
+                                        streaming=streaming)
+  np.testing.assert_allclose(rows, _dense_adam_steps(table, grads, schedule), rtol=1e-6,
+                             atol=1e-7)
+  # A constant rate instead differs: the test can tell the two apart.
+  assert not np.allclose(rows, _dense_adam_steps(table, grads), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("streaming", [False, True])

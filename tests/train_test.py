@@ -112,6 +112,44 @@ def test_guidance_schedules():
                              [1.0, 1.0, 0.98, 0.82, 0.0], atol=1e-6)
 
 
+def test_learning_rate_schedules():
+  config = _config().train
+  config.learning_rate, config.lr_end_fraction = 0.4, 0.25
+  config.lr_schedule, config.warmup_steps = "constant", 0
+  schedule = train.create_learning_rate(config, 100)
+  np.testing.assert_allclose([schedule(t) for t in (0, 50, 99, 500)], 0.4)
+  config.warmup_steps = 4
+  schedule = train.create_learning_rate(config, 100)
+  np.testing.assert_allclose([schedule(t) for t in (0, 1, 3, 4, 99)], [0, 0.1, 0.3, 0.4, 0.4],
+                             atol=1e-7)
+  config.lr_schedule, config.warmup_steps = "cosine", 10
+  schedule = train.create_learning_rate(config, 110)
+  steps = np.array([0, 5, 10, 35, 60, 109, 110, 1_000])
+  # Half a cosine from the peak (0.4) at the warm-up's end down to 0.25 * 0.4 at step 110.
+  phase = np.clip((steps - 10) / 100, 0, 1)
+  expected = np.where(steps < 10, 0.4 * steps / 10, 0.1 + 0.3 * 0.5 * (1 + np.cos(np.pi * phase)))
+  np.testing.assert_allclose([schedule(t) for t in steps], expected, rtol=1e-5, atol=1e-7)
+  config.warmup_steps = 0
+  schedule = train.create_learning_rate(config, 100)
+  np.testing.assert_allclose([schedule(t) for t in (0, 50, 100)], [0.4, 0.25, 0.1], rtol=1e-5)
+  config.warmup_steps = 10
+  with pytest.raises(ValueError, match=r"config\.train\.warmup_steps=10 must be below"):
+    train.create_learning_rate(config, 10)
+
+
+def test_warm_up_step_zero_leaves_every_parameter_unchanged():
+  # lr(0) = 0: the first update must move neither the dense parameters nor the table's rows,
+  # so both optimizers follow the schedule; the second (lr > 0) must move both.
+  exp = train.Experiment(_config(train__warmup_steps=5, train__lr_schedule="cosine"))
+  start = exp.initial_state().params
+  devices = jax.local_devices()[:1]
+  one, _, _ = _run_steps(exp, devices, 1)
+  jax.tree.map(np.testing.assert_array_equal, start, one.params)
+  two, _, _ = _run_steps(exp, devices, 2)
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), start, two.params)
+  assert all(jax.tree.leaves(moved)), moved
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
   """configs/test.py trained on all four fake devices, unchanged."""
@@ -206,6 +244,11 @@ def test_invalid_config_values_name_the_key():
   config.model.hidden_dims = (8,)
   with pytest.raises(ValueError, match=r"config\.model\.hidden_dims"):
     train.Experiment(config)
+  for key, value in (("lr_schedule", "step"), ("lr_end_fraction", 1.5), ("warmup_steps", -1)):
+    config = _config()
+    config.train[key] = value
+    with pytest.raises(ValueError, match=rf"config\.train\.{key}="):
+      train.Experiment(config)
 
 
 def test_checkpoint_restore_missing_dir(tmp_path):

@@ -21,6 +21,8 @@ BLOCK_BYTES = 4 << 20
 USER_BEHAVIOR_TYPES = ("pv", "buy", "cart", "fav")  # Taobao's four behaviour types.
 # Decimal digits below one second in each unit of integer timestamps.
 TIMESTAMP_UNIT_DIGITS = {"s": 0, "ms": 3, "us": 6, "ns": 9}
+_TIMESTAMP_UNIT_NAMES = {"s": "seconds", "ms": "milliseconds", "us": "microseconds",
+                         "ns": "nanoseconds"}  # Same keys as TIMESTAMP_UNIT_DIGITS.
 
 _MOVIELENS_LAYOUTS = {  # Delimiter -> the layout quoted in errors.
   b"::": "'user::item::rating::timestamp'",
@@ -595,8 +597,7 @@ def _time_column(
     iso = bool(bad.all())
   if not iso:
     if bad.any():
-      names = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}
-      raise lines.error(int(np.argmax(bad)), f"integer {names[unit]} as {what}")
+      raise lines.error(int(np.argmax(bad)), f"integer {_TIMESTAMP_UNIT_NAMES[unit]} as {what}")
     return values, iso
   expected = f"an ISO 8601 date-time as {what}"
   text = _text_column(lines, starts, ends, expected)

@@ -1,13 +1,14 @@
 """Train-step throughput on graphs of MovieLens, Gowalla and Alibaba size (issue 4's benchmark).
 
   python bench/train_step.py [--shapes=movielens,gowalla,alibaba] [--batches=256,4096]
-      [--variants=node/rowwise,node/dense,tree/rowwise] [--steps=10] [--out=bench_train.json]
-      [--cache=/tmp/hashgnn_bench] [--quick]
+      [--variants=node/rowwise,node/dense,tree/rowwise] [--devices=1] [--steps=10]
+      [--out=bench_train.json] [--cache=/tmp/hashgnn_bench] [--quick]
 
 Every (shape, batch, variant) runs in its own subprocess, so each reports its own peak RSS
 (embeddings + optimizer state + graph + the step's buffers). A variant is sampler.mode /
 train.embedding_update; the first listed is the baseline the others are compared with in the
-same run. Graphs come from the planted-community generator at each data set's sizes (cached as
+same run. `--devices=1,2` also runs each on that many devices (host CPU devices split with
+XLA_FLAGS on a CPU; the batch is global, split over the devices). Graphs come from the planted-community generator at each data set's sizes (cached as
 .npz under --cache, since the Alibaba one takes a while to generate).
 
 Benchmark configuration (issue 4): ID embeddings of dim 64; two gcn layers
@@ -104,7 +105,10 @@ def worker(args) -> dict:
   users, items, num_users, num_items = load_pairs(args.shape, args.scale, args.cache)
   graph = graph_lib.build_graph(users, items, num_users, num_items)
   del users, items
-  devices = jax.local_devices()[:1]
+  devices = jax.local_devices()[:args.num_devices]
+  if len(devices) < args.num_devices:
+    raise ValueError(f"--devices={args.num_devices} but only {len(devices)} local devices.")
+  local = args.batch // len(devices)
   model = model_lib.create_model(config.model, num_users, num_items)
   per_epoch = train.steps_per_epoch(graph.num_edges, args.batch)
   tx = train.create_optimizer(config.train, train.total_steps(config.train, per_epoch))
@@ -118,8 +122,8 @@ def worker(args) -> dict:
   step_fn = train.make_train_step(model, tx, config, per_epoch, devices)
 
   def sample_only(step, marks):
-    # The same draw the step makes at `step`, jitted alone.
-    positions = jnp.arange(args.batch, dtype=jnp.int32)
+    # The same draw the first device makes at `step`, jitted alone (devices sample concurrently).
+    positions = jnp.arange(local, dtype=jnp.int32)
     edge_ids = order[(step % per_epoch) * args.batch + positions]
     key, _ = jax.random.split(jax.random.fold_in(rng, step))
     keys = sampler.example_keys(key, positions)
@@ -154,6 +158,7 @@ def worker(args) -> dict:
   peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   return {
       "shape": args.shape, "batch": args.batch, "variant": args.variant,
+      "devices": len(devices),
       "num_users": num_users, "num_items": num_items, "num_edges": int(graph.num_edges),
       "ms_per_step": round(step_seconds * 1e3, 2),
       "steps_per_second": round(1.0 / step_seconds, 2),
@@ -171,6 +176,7 @@ def main():
   parser.add_argument("--shapes", default="movielens,gowalla,alibaba")
   parser.add_argument("--batches", default="256,4096")
   parser.add_argument("--variants", default="node/rowwise,node/dense,tree/rowwise")
+  parser.add_argument("--devices", default="1", help="Device counts to run each case on.")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--out", default="")
   parser.add_argument("--cache", default="/tmp/hashgnn_bench")
@@ -180,39 +186,47 @@ def main():
   parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
   parser.add_argument("--variant", help=argparse.SUPPRESS)
   parser.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
+  parser.add_argument("--num_devices", type=int, default=1, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
     print(json.dumps(worker(args)))
     return
 
   scale = QUICK_SCALE if args.quick else 1.0
+  device_counts = [int(n) for n in args.devices.split(",")]
   results = []
   for shape in args.shapes.split(","):
     for batch in map(int, args.batches.split(",")):
       for variant in args.variants.split(","):
-        cmd = [sys.executable, __file__, "--worker", f"--shape={shape}", f"--batch={batch}",
-               f"--variant={variant}", f"--steps={args.steps}", f"--cache={args.cache}",
-               f"--scale={scale}"]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
-        if proc.returncode:
-          result = {"shape": shape, "batch": batch, "variant": variant,
-                    "error": proc.stderr.strip().splitlines()[-1:]}
-        else:
-          result = json.loads(proc.stdout.strip().splitlines()[-1])
-        results.append(result)
-        print(json.dumps(result), file=sys.stderr, flush=True)
+        for num_devices in device_counts:
+          cmd = [sys.executable, __file__, "--worker", f"--shape={shape}", f"--batch={batch}",
+                 f"--variant={variant}", f"--steps={args.steps}", f"--cache={args.cache}",
+                 f"--scale={scale}", f"--num_devices={num_devices}"]
+          env = dict(os.environ)
+          if num_devices > 1:  # On a CPU, split the host into devices; accelerators ignore it.
+            flag = f"--xla_force_host_platform_device_count={num_devices}"
+            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
+          proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False,
+                                env=env)
+          if proc.returncode:
+            result = {"shape": shape, "batch": batch, "variant": variant,
+                      "devices": num_devices, "error": proc.stderr.strip().splitlines()[-1:]}
+          else:
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+          results.append(result)
+          print(json.dumps(result), file=sys.stderr, flush=True)
 
   baseline = args.variants.split(",")[0]
-  by_key = {(r["shape"], r["batch"], r["variant"]): r for r in results}
+  by_key = {(r["shape"], r["batch"], r["variant"], r["devices"]): r for r in results}
   for r in results:
-    base = by_key.get((r["shape"], r["batch"], baseline))
+    base = by_key.get((r["shape"], r["batch"], baseline, device_counts[0]))
     if "ms_per_step" in r and base and "ms_per_step" in base:
       r["speed_vs_" + baseline.replace("/", "_")] = round(base["ms_per_step"] / r["ms_per_step"],
                                                           3)
   summary = {"quick": args.quick, "results": results}
   for batch in map(int, args.batches.split(",")):
-    small = by_key.get(("movielens", batch, baseline), {})
-    large = by_key.get(("alibaba", batch, baseline), {})
+    small = by_key.get(("movielens", batch, baseline, device_counts[0]), {})
+    large = by_key.get(("alibaba", batch, baseline, device_counts[0]), {})
     if "ms_per_step" in small and "ms_per_step" in large:
       summary[f"alibaba_over_movielens_step_b{batch}"] = round(
           large["ms_per_step"] / small["ms_per_step"], 2)
@@ -221,13 +235,14 @@ def main():
   if args.out:
     with open(args.out, "w") as f:
       f.write(text + "\n")
-  print(f"\n{'shape':<10}{'batch':>6} {'variant':<14}{'ms/step':>9}{'edges/s':>10}"
+  print(f"\n{'shape':<10}{'batch':>6} {'variant':<14}{'dev':>4}{'ms/step':>9}{'edges/s':>10}"
         f"{'sample':>8}{'RSS GiB':>9}")
   for r in results:
+    head = f"{r['shape']:<10}{r['batch']:>6} {r['variant']:<14}{r['devices']:>4}"
     if "ms_per_step" not in r:
-      print(f"{r['shape']:<10}{r['batch']:>6} {r['variant']:<14} failed: {r['error']}")
+      print(f"{head} failed: {r['error']}")
       continue
-    print(f"{r['shape']:<10}{r['batch']:>6} {r['variant']:<14}{r['ms_per_step']:>9.1f}"
+    print(f"{head}{r['ms_per_step']:>9.1f}"
           f"{r['edges_per_second']:>10.0f}{r['sample_share']:>8.0%}{r['peak_rss_gib']:>9.2f}")
 
 

@@ -1,5 +1,6 @@
 """Orbax checkpoints of the train state under WORKDIR/checkpoints."""
 
+import json
 import os
 
 import jax
@@ -47,8 +48,12 @@ class Checkpointer:
         metrics=None if score is None else {"score": float(score)},
     )
 
-  def restore(self, abstract_state, step: int | None = None):
-    """Restores the state at `step` (latest if None) into the structure of `abstract_state`."""
+  def restore(self, abstract_state, step: int | None = None, config_dict: dict | None = None):
+    """Restores the state at `step` (latest if None) into the structure of `abstract_state`.
+
+    If the saved state does not fit that structure and `config_dict` (this run's config) is
+    given, the error names the settings that differ from the run that wrote the checkpoint.
+    """
     steps = self.all_steps()
     if not steps:
       raise FileNotFoundError(f"No checkpoint found under {self.directory}.")
@@ -57,9 +62,30 @@ class Checkpointer:
     elif step not in steps:
       raise FileNotFoundError(
           f"No checkpoint for step {step} under {self.directory}; available: {sorted(steps)}.")
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    except ValueError as error:
+      if "do not match" not in str(error):
+        raise
+      raise ValueError(
+          f"The checkpoint at step {step} under {self.directory} does not fit this run's train "
+          f"state (other model or optimizer settings). {self._differences(step, config_dict)}"
+      ) from error
     return restored.state
+
+  def _differences(self, step: int, config_dict: dict | None) -> str:
+    """The config keys whose values differ between this run and the checkpoint's writer."""
+    if config_dict is None:
+      return ""
+    saved = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    # Through JSON, so that tuples compare equal to the lists they were saved as.
+    ours, theirs = (_flatten(json.loads(json.dumps(d))) for d in (config_dict, saved.config))
+    keys = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    if not keys:
+      return "Its config equals this run's."
+    return "Settings that differ (checkpoint -> this run): " + "; ".join(
+        f"config.{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in keys) + "."
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -67,6 +93,17 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[prefix + key] = value
+  return flat
 
 
 def abstract_like(tree, device: jax.Device):

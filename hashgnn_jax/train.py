@@ -90,6 +90,10 @@ def create_learning_rate(train_config, num_steps: int) -> optax.Schedule:
 
 def create_optimizer(train_config, num_steps: int) -> optax.GradientTransformation:
   """Adam on the learning-rate schedule of a run of `num_steps` (the cosine's length)."""
+  if train_config.lr_schedule == "constant" and train_config.warmup_steps == 0:
+    # A float, not a schedule: optax then keeps no step count in Adam's state, so constant-rate
+    # runs keep the checkpoint structure they had before schedules existed, and can resume.
+    return optax.adam(train_config.learning_rate)
   return optax.adam(create_learning_rate(train_config, num_steps))
 
 
@@ -332,9 +336,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = reporting.MetricsWriter(workdir) if is_main else None
   ckpt = exp.checkpointer(workdir)
 
+  config_dict = config.to_dict()
   state = exp.initial_state()
   if ckpt.latest_step() is not None:
-    state = ckpt.restore(exp.abstract_state())
+    state = ckpt.restore(exp.abstract_state(), config_dict=config_dict)
     logging.info("Resumed from step %d.", int(state.step))
 
   replicated, shard_ids = device_layout(devices)
@@ -345,7 +350,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   order_fn = jax.jit(functools.partial(sampler.epoch_order, num_edges=exp.graph.num_edges),
                      out_shardings=replicated)
   p_train_step = make_train_step(exp.model, exp.tx, config, exp.per_epoch, devices)
-  config_dict = config.to_dict()
   best = exp.best_checkpointer(workdir)
 
   def periodic_eval(state, step):
@@ -408,7 +412,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Free the training state and device graph first: at Alibaba size a second state (table and
     # both moments) is another 3.7 GB.
     del state, graph
-    best_params = best.restore(exp.abstract_state(), best_step).params
+    best_params = best.restore(exp.abstract_state(), best_step, config_dict).params
     record = exp.evaluate(best_params, best_step, "test")
     record["checkpoint"] = "best"
   best.close()
@@ -451,6 +455,6 @@ def restore_params(exp: Experiment, workdir: str, step: int | None,
     if step is None:
       raise FileNotFoundError(f"No best checkpoint under {ckpt.directory}: the run had no "
                               "validation split (config.data.valid_fraction) or no evaluation.")
-  state = ckpt.restore(exp.abstract_state(), step)
+  state = ckpt.restore(exp.abstract_state(), step, exp.config.to_dict())
   ckpt.close()
   return state.params, int(state.step)

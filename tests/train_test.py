@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from hashgnn_jax import checkpointing
@@ -211,6 +212,25 @@ def test_resume_continues_from_checkpoint(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, _final_params(half, exp).params,
                _final_params(full, exp).params)
   assert resumed["metrics"] == straight["metrics"]
+
+
+def test_constant_rate_keeps_plain_adam_state():
+  # Checkpoints of constant-rate runs hold optax.adam(float)'s state; a schedule would add a step
+  # count to it, and those checkpoints could no longer be restored.
+  params = {"w": np.zeros((2, 3), np.float32)}
+  expected = jax.tree.structure(optax.adam(1e-3).init(params))
+  tx = train.create_optimizer(_config().train, num_steps=10)
+  assert jax.tree.structure(tx.init(params)) == expected
+
+
+def test_resume_with_other_optimizer_names_the_setting(tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(_config(train__num_devices=1, train__num_steps=2), workdir)
+  config = _config(train__num_devices=1, train__num_steps=4, train__lr_schedule="cosine")
+  with pytest.raises(ValueError, match=r"step 2 under .* does not fit") as error:
+    train.train_and_evaluate(config, workdir)
+  assert "config.train.lr_schedule: 'constant' -> 'cosine'" in str(error.value)
+  assert "config.train.num_steps: 2 -> 4" in str(error.value)
 
 
 def _main(*args, cwd=ROOT):

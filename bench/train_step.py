@@ -8,8 +8,9 @@ Every (shape, batch, variant) runs in its own subprocess, so each reports its ow
 (embeddings + optimizer state + graph + the step's buffers). A variant is sampler.mode /
 train.embedding_update; the first listed is the baseline the others are compared with in the
 same run. `--devices=1,2` also runs each on that many devices (host CPU devices split with
-XLA_FLAGS on a CPU; the batch is global, split over the devices). Graphs come from the planted-community generator at each data set's sizes (cached as
-.npz under --cache, since the Alibaba one takes a while to generate).
+XLA_FLAGS on a CPU; the batch is global, split over the devices). Graphs come from the
+planted-community generator at each data set's sizes (cached as .npz under --cache, since the
+Alibaba one takes a while to generate).
 
 Benchmark configuration (issue 4): ID embeddings of dim 64; two gcn layers
 u' = leaky_relu(W·mean(self ∪ sampled neighbours)) of sizes 128 then 68; hash layer 68 -> 32 with

@@ -5,7 +5,8 @@
 For each shape (users × items) and code length K, every method ranks all items for each user and
 keeps the top `--num-results`:
   ours        `retrieval.ItemIndex` in Hamming, hierarchical (M = 100 and 500) and continuous mode,
-              once per device count (a subprocess each, `--xla_force_host_platform_device_count`);
+              once per device count (a subprocess each, `--xla_force_host_platform_device_count`)
+              and per `--selections` entry (rows named METHOD/SELECTION unless it is "auto");
   faiss       IndexBinaryFlat (Hamming) and IndexFlatIP (continuous), omp threads = all cores,
               skipped with a note when faiss is not installed (`pip install -e .[bench]`);
   numpy       brute force per chunk of users, with the index's tie rule (see `_exact_top`).
@@ -15,7 +16,8 @@ measured over every user where `users_timed` equals the user count, else extrapo
 from the first `users_timed` users (marked "extrapolated"); each is the least of `--repeats`
 timings, as other jobs on a shared machine only add time; compilation is excluded (a warm-up
 chunk). Checks: every method returns the same top-n score multiset per user (Hamming exactly,
-inner products to 1e-5); ours returns the same ids for every device count, and in Hamming mode
+inner products to 1e-5); ours returns the same ids for every device count and selection, and in
+Hamming mode
 the ids of NumPy under the index's tie rule (float modes report the share of identical rows).
 The JSON also records the peak RSS of each `ours` process.
 """
@@ -97,23 +99,28 @@ def run_ours(args) -> None:
     for bits in args.bits:
       num_users = users_timed(shape, args, baseline=False)
       user_z, item_z = make_codes(shape, bits, num_users)
-      start = time.perf_counter()
-      index = retrieval.ItemIndex(item_z, tie_seed=TIE_SEED)
-      run = {"shape": shape, "bits": bits, "users_timed": num_users,
-             "build_seconds": time.perf_counter() - start, "block_size": index.block_size,
-             "seconds": {}}
-      del item_z
+      run = {"shape": shape, "bits": bits, "users_timed": num_users, "build_seconds": {},
+             "block_size": {}, "seconds": {}}
       chunks = [user_z[i:i + args.user_chunk] for i in range(0, num_users, args.user_chunk)]
       chunks[-1] = np.pad(chunks[-1], ((0, args.user_chunk - len(chunks[-1])), (0, 0)))
-      for mode, num_candidates in OUR_MODES:
-        kwargs = {"mode": mode, "num_results": args.num_results, "num_candidates": num_candidates}
-        index.search(chunks[0], **kwargs)  # Compiles.
-        name = method_name(mode, num_candidates)
-        run["seconds"][name], (ids, scores) = least_time(
-            search_chunks, index, chunks, kwargs, repeats=args.repeats)
-        np.save(os.path.join(args.child_out, f"{shape}_{bits}_{name}_ids.npy"), ids[:num_users])
-        np.save(os.path.join(args.child_out, f"{shape}_{bits}_{name}_scores.npy"),
-                scores[:num_users])
+      for selection in args.selections:
+        start = time.perf_counter()
+        index = retrieval.ItemIndex(item_z, tie_seed=TIE_SEED, selection=selection)
+        run["build_seconds"][selection] = time.perf_counter() - start
+        run["block_size"][selection] = index.block_size
+        for mode, num_candidates in OUR_MODES:
+          kwargs = {"mode": mode, "num_results": args.num_results,
+                    "num_candidates": num_candidates}
+          index.search(chunks[0], **kwargs)  # Compiles.
+          name = method_name(mode, num_candidates)
+          name += "" if selection == "auto" else f"/{selection}"
+          run["seconds"][name], (ids, scores) = least_time(
+              search_chunks, index, chunks, kwargs, repeats=args.repeats)
+          for part, array in (("ids", ids), ("scores", scores)):
+            np.save(os.path.join(args.child_out, f"{shape}_{bits}_{name.replace('/', '@')}_"
+                                 f"{part}.npy"), array[:num_users])
+        del index
+      del item_z
       run["peak_rss_gb"] = peak_rss_gb()
       report["runs"].append(run)
       print(f"  ours x{report['devices']}: {shape} K={bits} done", file=sys.stderr, flush=True)
@@ -209,6 +216,9 @@ def main():
   parser.add_argument("--alibaba-baseline-users", type=int,
                       help="Users faiss and NumPy time at the alibaba shape, at most (500).")
   parser.add_argument("--user-chunk", type=int, default=256, help="Users per ItemIndex.search.")
+  parser.add_argument("--selections", default="auto",
+                      help="Comma-separated ItemIndex selections to time, of " +
+                      ", ".join(retrieval.SELECTIONS) + " (auto).")
   parser.add_argument("--numpy-chunk", type=int, default=64, help="Users per NumPy step.")
   parser.add_argument("--methods", default="ours,faiss,numpy")
   parser.add_argument("--repeats", type=int, help="Timings per method, the least kept (2).")
@@ -223,9 +233,11 @@ def main():
       setattr(args, key, value)
   # The child times ours with exactly these settings.
   child_flags = [f"--{key.replace('_', '-')}={getattr(args, key)}" for key in (
-      "shapes", "bits", "num_results", "max_users", "alibaba_users", "user_chunk", "repeats")]
+      "shapes", "bits", "num_results", "max_users", "alibaba_users", "user_chunk", "selections",
+      "repeats")]
   args.shapes = args.shapes.split(",")
   args.bits = [int(b) for b in args.bits.split(",")]
+  args.selections = args.selections.split(",")
   methods = args.methods.split(",")
   if args.child_devices:
     run_ours(args)
@@ -257,7 +269,7 @@ def main():
         key = f"{shape}/K{bits}"
         run = results["runs"][key] = {"users": num_users, "items": num_items, "bits": bits,
                                       "methods": {}, "checks": {}}
-        reference = {}  # method -> (ids, scores) of the first `ours` device count.
+        reference = {}  # method -> (ids, scores) of the first `ours` device count and selection.
         for devices, (report, out) in ours.items():
           report_run = next(r for r in report["runs"] if r["shape"] == shape and r["bits"] == bits)
           for name, seconds in report_run["seconds"].items():
@@ -265,13 +277,15 @@ def main():
             run["methods"][f"ours_x{devices}/{name}"] = {
                 "seconds": seconds * num_users / timed, "users_timed": timed,
                 "extrapolated": timed < num_users, "peak_rss_gb": report_run["peak_rss_gb"]}
-            loaded = tuple(np.load(os.path.join(out, f"{shape}_{bits}_{name}_{part}.npy"))
-                           for part in ("ids", "scores"))
-            if name in reference:
+            loaded = tuple(np.load(os.path.join(
+                out, f"{shape}_{bits}_{name.replace('/', '@')}_{part}.npy"))
+                for part in ("ids", "scores"))
+            method = name.split("/")[0]
+            if method in reference:
               run["checks"][f"ours_x{devices}/{name} ids"] = {
-                  "users": timed, "passed": bool(np.array_equal(loaded[0], reference[name][0]))}
+                  "users": timed, "passed": bool(np.array_equal(loaded[0], reference[method][0]))}
             else:
-              reference[name] = loaded
+              reference[method] = loaded
         timed = users_timed(shape, args, baseline=True)
         user_z, item_z = make_codes(shape, bits, timed)
         tie_order = retrieval.tie_break_order(num_items, TIE_SEED)
@@ -314,14 +328,14 @@ def print_table(results: dict) -> None:
   runs = results["runs"]
   names = sorted({name for run in runs.values() for name in run["methods"]})
   print("\nall-users seconds (* extrapolated from the first users_timed users)")
-  print(f"{'method':<26}" + "".join(f"{key:>15}" for key in runs))
+  print(f"{'method':<34}" + "".join(f"{key:>15}" for key in runs))
   for name in names:
     cells = []
     for run in runs.values():
       method = run["methods"].get(name)
       cells.append("-" if method is None else
                    f"{method['seconds']:.3g}{'*' if method['extrapolated'] else ''}")
-    print(f"{name:<26}" + "".join(f"{c:>15}" for c in cells))
+    print(f"{name:<34}" + "".join(f"{c:>15}" for c in cells))
   failed = [f"{key}: {name}" for key, run in runs.items()
             for name, result in run["checks"].items() if not result["passed"]]
   print("checks: all passed" if not failed else "checks FAILED:\n  " + "\n  ".join(failed))

@@ -124,8 +124,9 @@ def test_hamming_ties_follow_tie_order_by_hand():
   np.testing.assert_array_equal(scores, [[0.0, -1.0, -1.0, -1.0]])
 
 
+@pytest.mark.parametrize("selection", ["counting", "top_k"])
 @pytest.mark.parametrize("num_bits, use_exclude", [(32, False), (64, True)])
-def test_search_matches_numpy_reference(num_bits, use_exclude):
+def test_search_matches_numpy_reference(num_bits, use_exclude, selection):
   rng = np.random.default_rng(num_bits)
   num_items, num_users = 301, 17
   item_z = _grid_codes(rng, (num_items, num_bits))
@@ -136,7 +137,7 @@ def test_search_matches_numpy_reference(num_bits, use_exclude):
     for row in range(num_users):
       count = rng.integers(0, 41)
       exclude[row, :count] = rng.choice(num_items, size=count, replace=False)
-  index = retrieval.ItemIndex(item_z, tie_seed=7)
+  index = retrieval.ItemIndex(item_z, tie_seed=7, selection=selection)
   tie_order = retrieval.tie_break_order(num_items, seed=7)
   for mode, num_candidates in [("hamming", None), ("continuous", None), ("hierarchical", 60)]:
     kwargs = {"mode": mode, "num_results": 25, "num_candidates": num_candidates, "exclude": exclude}
@@ -205,6 +206,31 @@ def test_two_level_sharded_search_matches_flat_reference(monkeypatch, num_device
       np.testing.assert_array_equal(scores, want_scores.astype(np.float32), err_msg=mode)
       if use_exclude:
         assert np.all(ids[0, 3:] == -1), mode  # Only three items are left to user 0.
+
+
+@pytest.mark.parametrize("entries_per_slot", [1, 3, 4])
+def test_counting_falls_back_to_top_k_with_equal_results(monkeypatch, entries_per_slot):
+  # Rows longer than entries_per_slot x the picks rounded up to a power of two go to top_k. Blocks
+  # of 4 give 101 block keys; Hamming picks 7 blocks (8 slots, 28 candidates), hierarchical 21
+  # (32 slots, 84 candidates). At 1 every selection falls back; at 3 hierarchical counts its
+  # candidates only; at 4 Hamming counts its candidates only and hierarchical counts both.
+  monkeypatch.setattr(retrieval, "_COUNTING_ENTRIES_PER_SLOT", entries_per_slot)
+  item_z, user_z, exclude = _tied_search_inputs(entries_per_slot, 403, 9, 64)
+  indexes = [
+    retrieval.ItemIndex(item_z, tie_seed=3, block_size=4, selection=selection)
+    for selection in ("counting", "top_k")
+  ]
+  for use_exclude in (False, True):
+    for mode, num_candidates in [("hamming", None), ("hierarchical", 20)]:
+      kwargs = {
+        "mode": mode,
+        "num_results": 6,
+        "num_candidates": num_candidates,
+        "exclude": exclude if use_exclude else None,
+      }
+      (ids, scores), (want_ids, want_scores) = (index.search(user_z, **kwargs) for index in indexes)
+      np.testing.assert_array_equal(ids, want_ids, err_msg=f"{mode} {use_exclude}")
+      np.testing.assert_array_equal(scores, want_scores, err_msg=f"{mode} {use_exclude}")
 
 
 def test_padding_never_displaces_items():
@@ -340,6 +366,8 @@ def test_item_index_validation_errors():
     retrieval.ItemIndex(item_z, tie_seed=0, devices=jax.devices()[:4], item_shards=3)
   with pytest.raises(ValueError, match="block_size=-1"):
     retrieval.ItemIndex(item_z, tie_seed=0, block_size=-1)
+  with pytest.raises(ValueError, match="Unknown selection 'heap'; valid: auto, top_k, counting"):
+    retrieval.ItemIndex(item_z, tie_seed=0, selection="heap")
 
 
 def test_exclusion_widths_are_powers_of_two():

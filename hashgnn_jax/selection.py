@@ -1,0 +1,179 @@
+"""Exact sorting and k-smallest selection along the last axis with bitonic sorting networks.
+
+Why: XLA's CPU top_k is a single-threaded partial sort whose final ordering of k ~ 100 entries
+costs several microseconds per row however short the row, and its sort calls a comparator per
+comparison. A bitonic network is a fixed schedule of compare-exchange passes over whole arrays,
+which XLA vectorises. Measured on 6,144 rows of int32 keys in calls of 256 rows (2-core CPU): the
+128 smallest of N = 512 in 39 ms against top_k's 103, of N = 1,024 in 56 against 142, of N = 4,096
+in 213 against 233; a full sort of 128 in 12 ms against top_k's 43.
+
+Selection is the bitonic top-k of Shanbhag et al. (2018): a row is cut into chunks of
+w = 2**ceil(log2 k), sorted ascending and descending in turn; the elementwise minimum of an
+ascending and a descending chunk is a bitonic sequence holding the w smallest of the pair, which a
+bitonic merge sorts; pairs halve until one chunk is left. Work is ~log2(w)**2 / 4 compare-exchanges
+per entry, so for long rows (N >> w) a heap-based top_k is cheaper.
+
+Where only the set of the k smallest is wanted, in column order, and values are small integers,
+`smallest_set` counts instead of sorting: a binary search over values finds the k-th smallest, a
+prefix count of the chosen entries gives each slot its column by another binary search.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _min_max(firsts, seconds):
+  """Compare-exchange of single key arrays: (smaller,), (larger,)."""
+  (a,), (b,) = firsts, seconds
+  return (jnp.minimum(a, b),), (jnp.maximum(a, b),)
+
+
+def _lexicographic(firsts, seconds):
+  """Compare-exchange of (key, index) pairs ordered by key, then index; keys are never NaN."""
+  (key_a, index_a), (key_b, index_b) = firsts, seconds
+  swap = (key_b < key_a) | ((key_b == key_a) & (index_b < index_a))
+  smaller = (jnp.where(swap, key_b, key_a), jnp.where(swap, index_b, index_a))
+  larger = (jnp.where(swap, key_a, key_b), jnp.where(swap, index_a, index_b))
+  return smaller, larger
+
+
+def _stage(arrays, distance, descending, exchange):
+  """One pass: entry i against i + distance in each group of 2 * distance entries.
+
+  descending: NumPy bool [groups], True where a group is ordered largest first.
+  """
+  *rows, n = arrays[0].shape
+  groups = n // (2 * distance)
+  halves = [x.reshape(*rows, groups, 2, distance) for x in arrays]
+  smaller, larger = exchange([h[..., 0, :] for h in halves], [h[..., 1, :] for h in halves])
+  if descending.any():
+    flip = descending[:, None]  # [groups, 1]
+    smaller, larger = (
+      [jnp.where(flip, b, a) for a, b in zip(smaller, larger)],
+      [jnp.where(flip, a, b) for a, b in zip(smaller, larger)],
+    )
+  return [jnp.stack([a, b], axis=-2).reshape(*rows, n) for a, b in zip(smaller, larger)]
+
+
+def _merge_runs(arrays, size, exchange, *, alternate):
+  """Sorts each bitonic run of `size` (a power of two) entries, odd runs descending if asked."""
+  n = arrays[0].shape[-1]
+  distance = size // 2
+  while distance:
+    starts = np.arange(0, n, 2 * distance)  # Of each group; a group lies within one run.
+    descending = (starts & size) != 0 if alternate else np.zeros(starts.shape, bool)
+    arrays = _stage(arrays, distance, descending, exchange)
+    distance //= 2
+  return arrays
+
+
+def _sort_chunks(arrays, width, exchange, *, alternate):
+  """Sorts every chunk of `width` (a power of two) entries; odd chunks descending if `alternate`."""
+  size = 2
+  while size <= width:
+    # Sorted runs of alternating direction pair into bitonic runs of twice the size.
+    arrays = _merge_runs(arrays, size, exchange, alternate=size < width or alternate)
+    size *= 2
+  return arrays
+
+
+def _pad(x, multiple, fill):
+  """Pads the last axis of x with `fill` up to a multiple of `multiple`."""
+  extra = -x.shape[-1] % multiple
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)], constant_values=fill)
+
+
+def _largest_value(dtype):
+  return jnp.inf if jnp.issubdtype(dtype, jnp.floating) else jnp.iinfo(dtype).max
+
+
+def smallest(keys, k: int):
+  """The k smallest entries of keys [..., N] along the last axis, ascending: [..., k].
+
+  Equal keys are interchangeable, so no tie rule is needed; callers pack a tie-breaker into the
+  key. Float keys must not be NaN.
+  """
+  n = keys.shape[-1]
+  if not 1 <= k <= n:
+    raise ValueError(f"k={k} must lie in [1, {n}].")
+  width = 1 << (k - 1).bit_length()
+  fill = _largest_value(keys.dtype)
+  # Fill entries sort last, so they never displace a key.
+  keys = _pad(keys, width, fill)
+  num_chunks = keys.shape[-1] // width
+  (keys,) = _sort_chunks([keys], width, _min_max, alternate=num_chunks > 1)
+  while num_chunks > 1:
+    # A constant chunk is sorted both ways, so it pairs with whatever chunk is left over.
+    keys = _pad(keys, 2 * width, fill)
+    pairs = keys.reshape(*keys.shape[:-1], -1, 2, width)
+    keys = jnp.minimum(pairs[..., 0, :], pairs[..., 1, :]).reshape(*keys.shape[:-1], -1)
+    num_chunks = keys.shape[-1] // width
+    # Alternating again while chunks remain to pair; the last one ascending.
+    (keys,) = _merge_runs([keys], width, _min_max, alternate=num_chunks > 1)
+  return keys[..., :k]
+
+
+def argsort(keys):
+  """Stable ascending argsort of keys [..., N] (ties: lower index first), int32 [..., N].
+
+  Keys must not be NaN; -0.0 and 0.0 compare equal.
+  """
+  n = keys.shape[-1]
+  width = 1 << max(n - 1, 0).bit_length()
+  index = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), keys.shape[:-1] + (width,))
+  # Padding carries the largest key and indices beyond every real one, so it sorts last.
+  keys = _pad(keys, width, _largest_value(keys.dtype))
+  _, index = _sort_chunks([keys, index], width, _lexicographic, alternate=False)
+  return index[..., :n]
+
+
+def _prefix_counts(x, block=32):
+  """Inclusive cumulative sums along the last axis of small non-negative integers x [C, N], int32.
+
+  Two float32 matmuls with triangular ones (within blocks of `block`, then over block totals):
+  XLA's CPU cumsum (an associative scan) measured 2x slower. Sums must stay below 2**24, where
+  float32 is exact.
+  """
+  rows, n = x.shape
+  x = _pad(x.astype(jnp.float32), block, 0)
+  num_blocks = x.shape[1] // block
+  within = x.reshape(rows, num_blocks, block) @ jnp.triu(jnp.ones((block, block), jnp.float32))
+  # Each block's offset is the sum of the blocks before it.
+  before = jnp.triu(jnp.ones((num_blocks, num_blocks), jnp.float32), 1)
+  offsets = within[:, :, -1] @ before  # [C, num_blocks]
+  return (within + offsets[:, :, None]).reshape(rows, -1)[:, :n].astype(jnp.int32)
+
+
+def smallest_set(values, k: int, max_value: int):
+  """Columns of the k smallest (value, column) pairs of values [C, N], ascending: int32 [C, k].
+
+  values: integers in [0, max_value]. Ties take the lower columns, as `jax.lax.top_k` of -values
+  would; the result is the same set as top_k's, in column order rather than value order.
+  """
+  num_rows, n = values.shape
+  if not 1 <= k <= n:
+    raise ValueError(f"k={k} must lie in [1, {n}].")
+  values = values.astype(jnp.int32)
+  # The k-th smallest value: the least t with at least k values <= t.
+  low = jnp.zeros((num_rows, 1), jnp.int32)
+  high = jnp.full((num_rows, 1), max_value, jnp.int32)
+  for _ in range(max(max_value, 1).bit_length()):
+    middle = (low + high) // 2
+    enough = jnp.sum(values <= middle, axis=1, keepdims=True, dtype=jnp.int32) >= k
+    high, low = jnp.where(enough, middle, high), jnp.where(enough, low, middle + 1)
+  below, at = values < high, values == high
+  room = k - jnp.sum(below, axis=1, keepdims=True, dtype=jnp.int32)  # [C, 1] slots left for ties
+  # One prefix count of both masks, packed into disjoint bits while exact in float32.
+  shift = n.bit_length()
+  if n << shift < 1 << 24:
+    counts = _prefix_counts(below.astype(jnp.int32) | (at.astype(jnp.int32) << shift))
+    below_before, at_before = counts & ((1 << shift) - 1), counts >> shift
+  else:
+    below_before, at_before = _prefix_counts(below), _prefix_counts(at)
+  # Chosen entries up to each column, ties counted up to the room left: nondecreasing, so slot s
+  # holds the first column where it reaches s + 1 (a binary search, cheaper here than a scatter).
+  chosen_before = below_before + jnp.minimum(at_before, room)  # [C, N]
+  slots = jnp.arange(1, k + 1, dtype=jnp.int32)
+  columns = jax.vmap(lambda counts: jnp.searchsorted(counts, slots, side="left"))(chosen_before)
+  return columns.astype(jnp.int32)

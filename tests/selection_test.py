@@ -1,0 +1,68 @@
+"""Tests for hashgnn_jax.selection against NumPy sorts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hashgnn_jax import selection
+
+
+@pytest.mark.parametrize(
+  "num_entries, k", [(1, 1), (5, 3), (17, 17), (128, 101), (300, 101), (1025, 7), (3000, 100)]
+)
+def test_smallest_matches_numpy_sort(num_entries, k):
+  rng = np.random.default_rng(num_entries)
+  # Few distinct values: many ties, and padding must not displace equal keys.
+  ints = rng.integers(0, 40, (6, num_entries)).astype(np.int32)
+  got = jax.jit(lambda x: selection.smallest(x, k))(ints)
+  np.testing.assert_array_equal(got, np.sort(ints, axis=1)[:, :k])
+  floats = rng.standard_normal((2, 3, num_entries)).astype(np.float32)
+  floats[..., ::4] = -np.inf
+  floats[..., 1::7] = np.inf
+  np.testing.assert_array_equal(selection.smallest(floats, k), np.sort(floats, axis=-1)[..., :k])
+
+
+def test_smallest_rejects_bad_k():
+  with pytest.raises(ValueError, match="k=4 must lie in"):
+    selection.smallest(jnp.zeros((2, 3), jnp.int32), 4)
+  with pytest.raises(ValueError, match="k=0 must lie in"):
+    selection.smallest_set(jnp.zeros((2, 3), jnp.int32), 0, 5)
+
+
+@pytest.mark.parametrize("num_entries", [1, 2, 100, 128, 129])
+def test_argsort_is_stable(num_entries):
+  rng = np.random.default_rng(num_entries)
+  keys = rng.integers(-3, 4, (5, num_entries)).astype(np.float32) / 2
+  keys[:, ::5] = -np.inf
+  got = selection.argsort(jnp.asarray(keys))
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, np.argsort(keys, axis=1, kind="stable"))
+
+
+def test_argsort_by_hand_treats_signed_zeros_as_equal():
+  keys = jnp.array([[0.0, -0.0, -1.0, 0.0, -0.0]], jnp.float32)
+  np.testing.assert_array_equal(selection.argsort(keys), [[2, 0, 1, 3, 4]])
+
+
+def _reference_set(values, k):
+  """Columns of the k smallest (value, column) pairs per row, ascending."""
+  return np.sort(np.stack([np.lexsort((np.arange(row.size), row))[:k] for row in values]), axis=1)
+
+
+@pytest.mark.parametrize(
+  "num_entries, k, max_value",
+  # 5,000 entries take two prefix counts: 5,000 << 13 is past float32's exact integers.
+  [(1, 1, 0), (5, 5, 3), (37, 20, 1), (100, 7, 0), (988, 101, 33), (5000, 300, 65)],
+)
+def test_smallest_set_matches_lexsort(num_entries, k, max_value):
+  rng = np.random.default_rng(k)
+  values = rng.integers(0, max_value + 1, (9, num_entries)).astype(np.int32)
+  got = jax.jit(lambda v: selection.smallest_set(v, k, max_value))(values)
+  np.testing.assert_array_equal(got, _reference_set(values, k))
+
+
+def test_smallest_set_by_hand():
+  # Threshold 2: both 1s, then the first two of the three 2s.
+  values = np.array([[2, 5, 1, 2, 2, 1, 3]], np.int32)
+  np.testing.assert_array_equal(selection.smallest_set(values, 4, 5), [[0, 2, 3, 5]])

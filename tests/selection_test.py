@@ -15,12 +15,13 @@ def test_smallest_matches_numpy_sort(num_entries, k):
   rng = np.random.default_rng(num_entries)
   # Few distinct values: many ties, and padding must not displace equal keys.
   ints = rng.integers(0, 40, (6, num_entries)).astype(np.int32)
-  got = jax.jit(lambda x: selection.smallest(x, k))(ints)
-  np.testing.assert_array_equal(got, np.sort(ints, axis=1)[:, :k])
+  # Jitted: run op by op, a network's hundreds of small stages compile one at a time.
+  smallest = jax.jit(selection.smallest, static_argnums=1)
+  np.testing.assert_array_equal(smallest(ints, k), np.sort(ints, axis=1)[:, :k])
   floats = rng.standard_normal((2, 3, num_entries)).astype(np.float32)
   floats[..., ::4] = -np.inf
   floats[..., 1::7] = np.inf
-  np.testing.assert_array_equal(selection.smallest(floats, k), np.sort(floats, axis=-1)[..., :k])
+  np.testing.assert_array_equal(smallest(floats, k), np.sort(floats, axis=-1)[..., :k])
 
 
 def test_smallest_rejects_bad_k():
@@ -35,14 +36,14 @@ def test_argsort_is_stable(num_entries):
   rng = np.random.default_rng(num_entries)
   keys = rng.integers(-3, 4, (5, num_entries)).astype(np.float32) / 2
   keys[:, ::5] = -np.inf
-  got = selection.argsort(jnp.asarray(keys))
+  got = jax.jit(selection.argsort)(keys)
   assert got.dtype == jnp.int32
   np.testing.assert_array_equal(got, np.argsort(keys, axis=1, kind="stable"))
 
 
 def test_argsort_by_hand_treats_signed_zeros_as_equal():
   keys = jnp.array([[0.0, -0.0, -1.0, 0.0, -0.0]], jnp.float32)
-  np.testing.assert_array_equal(selection.argsort(keys), [[2, 0, 1, 3, 4]])
+  np.testing.assert_array_equal(jax.jit(selection.argsort)(keys), [[2, 0, 1, 3, 4]])
 
 
 def _reference_set(values, k):
@@ -65,4 +66,5 @@ def test_smallest_set_matches_lexsort(num_entries, k, max_value):
 def test_smallest_set_by_hand():
   # Threshold 2: both 1s, then the first two of the three 2s.
   values = np.array([[2, 5, 1, 2, 2, 1, 3]], np.int32)
-  np.testing.assert_array_equal(selection.smallest_set(values, 4, 5), [[0, 2, 3, 5]])
+  got = jax.jit(selection.smallest_set, static_argnums=(1, 2))(values, 4, 5)
+  np.testing.assert_array_equal(got, [[0, 2, 3, 5]])

@@ -17,9 +17,8 @@ from the first `users_timed` users (marked "extrapolated"); each is the least of
 timings, as other jobs on a shared machine only add time; compilation is excluded (a warm-up
 chunk). Checks: every method returns the same top-n score multiset per user (Hamming exactly,
 inner products to 1e-5); ours returns the same ids for every device count and selection, and in
-Hamming mode
-the ids of NumPy under the index's tie rule (float modes report the share of identical rows).
-The JSON also records the peak RSS of each `ours` process.
+Hamming mode the ids of NumPy under the index's tie rule (float modes report the share of
+identical rows). The JSON also records the peak RSS of each `ours` process.
 """
 
 import argparse

@@ -188,8 +188,9 @@ def _hamming_top_k(scores, k, *, num_bits, counting):
   """
   if not _counting_applies(scores.shape[1], k, counting=counting):
     return jax.lax.top_k(scores, k)
-  columns = _hamming_columns(scores, k, num_bits=num_bits, counting=counting)  # [C, k]
-  distances = jnp.take_along_axis(_as_distances(scores, num_bits), columns, axis=1)
+  distances = _as_distances(scores, num_bits)
+  columns = selection_lib.smallest_set(distances, k, num_bits + 1)  # [C, k] ascending
+  distances = jnp.take_along_axis(distances, columns, axis=1)
   shift = max(k - 1, 1).bit_length()
   top = selection_lib.smallest((distances << shift) | jnp.arange(k, dtype=jnp.int32), k)
   distances = top >> shift

@@ -15,7 +15,7 @@ def test_smallest_matches_numpy_sort(num_entries, k):
   rng = np.random.default_rng(num_entries)
   # Few distinct values: many ties, and padding must not displace equal keys.
   ints = rng.integers(0, 40, (6, num_entries)).astype(np.int32)
-  # Jitted: run op by op, a network's hundreds of small stages compile one at a time.
+  # Jitted: op by op, each of a network's hundreds of small stages would compile on its own.
   smallest = jax.jit(selection.smallest, static_argnums=1)
   np.testing.assert_array_equal(smallest(ints, k), np.sort(ints, axis=1)[:, :k])
   floats = rng.standard_normal((2, 3, num_entries)).astype(np.float32)

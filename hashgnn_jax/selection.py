@@ -18,6 +18,8 @@ Where only the set of the k smallest is wanted, in column order, and values are 
 prefix count of the chosen entries gives each slot its column by another binary search.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,10 +140,14 @@ def _prefix_counts(x, block=32):
   rows, n = x.shape
   x = _pad(x.astype(jnp.float32), block, 0)
   num_blocks = x.shape[1] // block
-  within = x.reshape(rows, num_blocks, block) @ jnp.triu(jnp.ones((block, block), jnp.float32))
+  # HIGHEST: a GPU's default float32 matmul rounds its inputs to TF32 (11 significant bits), and
+  # the packed counts and block totals need all 24. CPUs compute float32 either way.
+  matmul = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+  upper = jnp.triu(jnp.ones((block, block), jnp.float32))
+  within = matmul(x.reshape(rows, num_blocks, block), upper)  # [C, num_blocks, block]
   # Each block's offset is the sum of the blocks before it.
   before = jnp.triu(jnp.ones((num_blocks, num_blocks), jnp.float32), 1)
-  offsets = within[:, :, -1] @ before  # [C, num_blocks]
+  offsets = matmul(within[:, :, -1], before)  # [C, num_blocks]
   return (within + offsets[:, :, None]).reshape(rows, -1)[:, :n].astype(jnp.int32)
 
 

@@ -233,6 +233,16 @@ def test_counting_falls_back_to_top_k_with_equal_results(monkeypatch, entries_pe
       np.testing.assert_array_equal(scores, want_scores, err_msg=f"{mode} {use_exclude}")
 
 
+def test_auto_block_size_is_about_sqrt_items_over_128_capped_per_platform():
+  # Alibaba's 4,167,708 items: sqrt(32,560) ~ 180, above both caps.
+  assert retrieval._auto_block_size(4_167_708, "cpu") == 64
+  assert retrieval._auto_block_size(4_167_708, "gpu") == 128
+  # Gowalla's 40,981 items: sqrt(320) ~ 17.9, rounded down to a power of two, below both caps.
+  assert retrieval._auto_block_size(40_981, "cpu") == 16
+  assert retrieval._auto_block_size(40_981, "gpu") == 16
+  assert retrieval._auto_block_size(10, "cpu") == 1
+
+
 def test_padding_never_displaces_items():
   # Padding codes are z = 0: distance 0 and inner product 0 to an all-ones user, better than any
   # item here, so the block mixing items and padding wins a pick it must not use up.

@@ -2,7 +2,7 @@
 
   python bench/train_step.py [--shapes=movielens,gowalla,alibaba] [--batches=256,4096]
       [--variants=node/rowwise,node/dense,tree/rowwise] [--devices=1] [--steps=10]
-      [--out=bench_train.json] [--cache=/tmp/hashgnn_bench] [--quick]
+      [--out=bench_train.json] [--cache=/tmp/hashgnn_bench] [--quick] [--prepare-only]
 
 Every (shape, batch, variant) runs in its own subprocess, so each reports its own peak RSS
 (embeddings + optimizer state + graph + the step's buffers). A variant is sampler.mode /
@@ -182,6 +182,8 @@ def main():
   parser.add_argument("--out", default="")
   parser.add_argument("--cache", default="/tmp/hashgnn_bench")
   parser.add_argument("--quick", action="store_true", help="Graphs at 5% of full size.")
+  parser.add_argument("--prepare-only", action="store_true",
+                      help="Only generate and cache the --shapes' graphs (no JAX), then exit.")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--shape", help=argparse.SUPPRESS)
   parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -194,6 +196,10 @@ def main():
     return
 
   scale = QUICK_SCALE if args.quick else 1.0
+  if args.prepare_only:
+    for shape in args.shapes.split(","):
+      load_pairs(shape, scale, args.cache)
+    return
   device_counts = [int(n) for n in args.devices.split(",")]
   results = []
   for shape in args.shapes.split(","):

@@ -10,7 +10,9 @@
 #      65,536 users in chunks of 4,096, extrapolated, one timing each; NumPy checks 4 users;
 #   2. train steps (node/rowwise) at MovieLens, Gowalla and Alibaba size, batch 256 and 4096; the
 #      graphs are generated on the host while stage 1 runs;
-#   3. retrieval at the three small Table 4 shapes, all users, top_k and counting selection.
+#   3. retrieval at the three small Table 4 shapes, all users, top_k and counting selection;
+#   4. the default job end to end on the device (train and evaluate, --mode=eval, --mode=export,
+#      a Retriever search; bench/default_run.py --serve).
 # On a CPU-only machine it runs the same scripts at reduced sizes, so the script is known to work
 # before an accelerator is at hand. Record the card and the figures in BUILD_NOTES.md after a run.
 set -uo pipefail
@@ -54,6 +56,8 @@ if [[ "$backend" == "cpu" ]]; then
   echo "No accelerator: running reduced sizes." | tee -a "$LOG"
   stage retrieval 900 "$PY" bench/retrieval.py --quick --out="$OUT/retrieval.json"
   stage train_step 900 "$PY" bench/train_step.py --quick --out="$OUT/train_step.json"
+  stage default_job 600 "$PY" bench/default_run.py --devices=1 --serve \
+    --out="$OUT/default_run.json"
 else
   # The host generates the train graphs (NumPy only) while the accelerator runs retrieval.
   JAX_PLATFORMS=cpu "$PY" bench/train_step.py --prepare-only >> "$LOG" 2>&1 &
@@ -67,6 +71,8 @@ else
   stage retrieval_small 140 "$PY" bench/retrieval.py --shapes=movielens,pinterest,gowalla \
     --bits=32,64 --devices=1 --user-chunk=4096 --selections=top_k,counting \
     --baseline-users=256 --methods=ours,numpy --out="$OUT/retrieval_small.json"
+  stage default_job 200 "$PY" bench/default_run.py --devices=1 --platform=default --serve \
+    --out="$OUT/default_run.json"
 fi
 echo "Results in $OUT/; failed stages: ${failed[*]:-none}" | tee -a "$LOG"
 [[ ${#failed[@]} == 0 ]]

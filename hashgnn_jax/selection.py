@@ -140,8 +140,9 @@ def _prefix_counts(x, block=32):
   rows, n = x.shape
   x = _pad(x.astype(jnp.float32), block, 0)
   num_blocks = x.shape[1] // block
-  # HIGHEST: a GPU's default float32 matmul rounds its inputs to TF32 (11 significant bits), and
-  # the packed counts and block totals need all 24. CPUs compute float32 either way.
+  # HIGHEST: by default JAX lets a GPU round float32 matmul inputs to TF32 (11 significant bits)
+  # and a TPU to bfloat16 (8); the packed counts and block totals need all 24. CPUs compute
+  # float32 either way.
   matmul = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
   upper = jnp.triu(jnp.ones((block, block), jnp.float32))
   within = matmul(x.reshape(rows, num_blocks, block), upper)  # [C, num_blocks, block]

@@ -12,7 +12,9 @@
 #      graphs are generated on the host while stage 1 runs;
 #   3. retrieval at the three small Table 4 shapes, all users, top_k and counting selection;
 #   4. the default job end to end on the device (train and evaluate, --mode=eval, --mode=export,
-#      a Retriever search; bench/default_run.py --serve).
+#      a Retriever search; bench/default_run.py --serve);
+#   5. search time per block size at the Alibaba shape (bench/block_size.py), the check of the
+#      automatic block size's cap on this device.
 # On one H200, stages 1-3 took 331 s and the steps of stage 4 about 80 s (BUILD_NOTES.md).
 # On a CPU-only machine it runs the same scripts at reduced sizes, so the script is known to work
 # before an accelerator is at hand. Record the card and the figures in BUILD_NOTES.md after a run.
@@ -59,6 +61,7 @@ if [[ "$backend" == "cpu" ]]; then
   stage train_step 900 "$PY" bench/train_step.py --quick --out="$OUT/train_step.json"
   stage default_job 600 "$PY" bench/default_run.py --devices=1 --serve \
     --out="$OUT/default_run.json"
+  stage block_size 600 "$PY" bench/block_size.py --quick --out="$OUT/block_size.json"
 else
   # The host generates the train graphs (NumPy only) while the accelerator runs retrieval.
   JAX_PLATFORMS=cpu "$PY" bench/train_step.py --prepare-only >> "$LOG" 2>&1 &
@@ -74,6 +77,7 @@ else
     --baseline-users=256 --methods=ours,numpy --out="$OUT/retrieval_small.json"
   stage default_job 200 "$PY" bench/default_run.py --devices=1 --platform=default --serve \
     --out="$OUT/default_run.json"
+  stage block_size 150 "$PY" bench/block_size.py --out="$OUT/block_size.json"
 fi
 echo "Results in $OUT/; failed stages: ${failed[*]:-none}" | tee -a "$LOG"
 [[ ${#failed[@]} == 0 ]]

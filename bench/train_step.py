@@ -2,13 +2,16 @@
 
   python bench/train_step.py [--shapes=movielens,gowalla,alibaba] [--batches=256,4096]
       [--variants=node/rowwise,node/dense,tree/rowwise] [--devices=1] [--steps=10]
-      [--out=bench_train.json] [--cache=/tmp/hashgnn_bench] [--quick] [--prepare-only]
+      [--host-memory=reuse,default] [--out=bench_train.json] [--cache=/tmp/hashgnn_bench]
+      [--quick] [--prepare-only]
 
 Every (shape, batch, variant) runs in its own subprocess, so each reports its own peak RSS
 (embeddings + optimizer state + graph + the step's buffers). A variant is sampler.mode /
 train.embedding_update; the first listed is the baseline the others are compared with in the
 same run. `--devices=1,2` also runs each on that many devices (host CPU devices split with
-XLA_FLAGS on a CPU; the batch is global, split over the devices). Graphs come from the
+XLA_FLAGS on a CPU; the batch is global, split over the devices). `--host-memory=reuse,default`
+also runs each with glibc's malloc left as it is, against `hostmem.reuse_freed_memory()` (what
+`main.py` does) as the baseline. Graphs come from the
 planted-community generator at each data set's sizes (cached as .npz under --cache, since the
 Alibaba one takes a while to generate).
 
@@ -24,6 +27,7 @@ batch), and peak RSS. --quick uses reduced sizes (for bench/gpu.sh's smoke test 
 """
 
 import argparse
+import itertools
 import json
 import os
 import pathlib
@@ -93,6 +97,10 @@ def load_pairs(shape: str, scale: float, cache: str):
 
 def worker(args) -> dict:
   """One (shape, batch, variant) measurement in this process."""
+  if args.host_memory == "reuse":
+    # Before JAX starts its threads: a thread keeps the malloc arena it first used.
+    from hashgnn_jax import hostmem  # pylint: disable=g-import-not-at-top
+    hostmem.reuse_freed_memory()
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -159,7 +167,7 @@ def worker(args) -> dict:
   peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   return {
       "shape": args.shape, "batch": args.batch, "variant": args.variant,
-      "devices": len(devices),
+      "devices": len(devices), "host_memory": args.host_memory,
       "num_users": num_users, "num_items": num_items, "num_edges": int(graph.num_edges),
       "ms_per_step": round(step_seconds * 1e3, 2),
       "steps_per_second": round(1.0 / step_seconds, 2),
@@ -178,6 +186,9 @@ def main():
   parser.add_argument("--batches", default="256,4096")
   parser.add_argument("--variants", default="node/rowwise,node/dense,tree/rowwise")
   parser.add_argument("--devices", default="1", help="Device counts to run each case on.")
+  parser.add_argument("--host-memory", default="reuse",
+                      help="Comma-separated, of reuse (hostmem.reuse_freed_memory(), as main.py "
+                      "does) and default (glibc's malloc as it is); the first is the baseline.")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--out", default="")
   parser.add_argument("--cache", default="/tmp/hashgnn_bench")
@@ -190,6 +201,7 @@ def main():
   parser.add_argument("--variant", help=argparse.SUPPRESS)
   parser.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
   parser.add_argument("--num_devices", type=int, default=1, help=argparse.SUPPRESS)
+  parser.add_argument("--host_memory", default="reuse", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
     print(json.dumps(worker(args)))
@@ -201,14 +213,18 @@ def main():
       load_pairs(shape, scale, args.cache)
     return
   device_counts = [int(n) for n in args.devices.split(",")]
+  host_memories = args.host_memory.split(",")
+  if not set(host_memories) <= {"reuse", "default"}:
+    parser.error(f"--host-memory: expected reuse and/or default, got {args.host_memory!r}")
   results = []
   for shape in args.shapes.split(","):
     for batch in map(int, args.batches.split(",")):
       for variant in args.variants.split(","):
-        for num_devices in device_counts:
+        for num_devices, host_memory in itertools.product(device_counts, host_memories):
           cmd = [sys.executable, __file__, "--worker", f"--shape={shape}", f"--batch={batch}",
                  f"--variant={variant}", f"--steps={args.steps}", f"--cache={args.cache}",
-                 f"--scale={scale}", f"--num_devices={num_devices}"]
+                 f"--scale={scale}", f"--num_devices={num_devices}",
+                 f"--host_memory={host_memory}"]
           env = dict(os.environ)
           if num_devices > 1:  # On a CPU, split the host into devices; accelerators ignore it.
             flag = f"--xla_force_host_platform_device_count={num_devices}"
@@ -217,23 +233,26 @@ def main():
                                 env=env)
           if proc.returncode:
             result = {"shape": shape, "batch": batch, "variant": variant,
-                      "devices": num_devices, "error": proc.stderr.strip().splitlines()[-1:]}
+                      "devices": num_devices, "host_memory": host_memory,
+                      "error": proc.stderr.strip().splitlines()[-1:]}
           else:
             result = json.loads(proc.stdout.strip().splitlines()[-1])
           results.append(result)
           print(json.dumps(result), file=sys.stderr, flush=True)
 
   baseline = args.variants.split(",")[0]
-  by_key = {(r["shape"], r["batch"], r["variant"], r["devices"]): r for r in results}
+  first = (device_counts[0], host_memories[0])
+  by_key = {(r["shape"], r["batch"], r["variant"], r["devices"], r["host_memory"]): r
+            for r in results}
   for r in results:
-    base = by_key.get((r["shape"], r["batch"], baseline, device_counts[0]))
+    base = by_key.get((r["shape"], r["batch"], baseline, *first))
     if "ms_per_step" in r and base and "ms_per_step" in base:
       r["speed_vs_" + baseline.replace("/", "_")] = round(base["ms_per_step"] / r["ms_per_step"],
                                                           3)
   summary = {"quick": args.quick, "results": results}
   for batch in map(int, args.batches.split(",")):
-    small = by_key.get(("movielens", batch, baseline, device_counts[0]), {})
-    large = by_key.get(("alibaba", batch, baseline, device_counts[0]), {})
+    small = by_key.get(("movielens", batch, baseline, *first), {})
+    large = by_key.get(("alibaba", batch, baseline, *first), {})
     if "ms_per_step" in small and "ms_per_step" in large:
       summary[f"alibaba_over_movielens_step_b{batch}"] = round(
           large["ms_per_step"] / small["ms_per_step"], 2)
@@ -242,10 +261,12 @@ def main():
   if args.out:
     with open(args.out, "w") as f:
       f.write(text + "\n")
-  print(f"\n{'shape':<10}{'batch':>6} {'variant':<14}{'dev':>4}{'ms/step':>9}{'edges/s':>10}"
+  print(f"\n{'shape':<10}{'batch':>6} {'variant':<14}{'dev':>4} {'memory':<8}{'ms/step':>9}"
+        f"{'edges/s':>10}"
         f"{'sample':>8}{'RSS GiB':>9}")
   for r in results:
-    head = f"{r['shape']:<10}{r['batch']:>6} {r['variant']:<14}{r['devices']:>4}"
+    head = (f"{r['shape']:<10}{r['batch']:>6} {r['variant']:<14}{r['devices']:>4} "
+            f"{r['host_memory']:<8}")
     if "ms_per_step" not in r:
       print(f"{head} failed: {r['error']}")
       continue

@@ -12,6 +12,7 @@ import jax
 from ml_collections import config_flags
 
 from hashgnn_jax import export
+from hashgnn_jax import hostmem
 from hashgnn_jax import reporting
 from hashgnn_jax import train
 
@@ -27,6 +28,10 @@ flags.DEFINE_integer("step", None,
 flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"],
                   "With --mode=eval or export: the latest checkpoint (or --step), or the best by "
                   "validation.")
+flags.DEFINE_bool("reuse_host_memory", True,
+                  "Set glibc's malloc to keep freed blocks for reuse, so XLA:CPU does not fault "
+                  "in fresh buffers on every step (hashgnn_jax/hostmem.py); RSS then stays at "
+                  "its peak.")
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -42,6 +47,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_DropOrbaxInfo())
+  if FLAGS.reuse_host_memory:
+    # Before JAX's first call starts its threads: a thread keeps the malloc arena it first used.
+    hostmem.reuse_freed_memory()
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
   if FLAGS.mode == "export":

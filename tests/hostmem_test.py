@@ -8,6 +8,8 @@ import textwrap
 
 import pytest
 
+from hashgnn_jax import hostmem
+
 # Each process mallocs, fills and frees a 96 MiB block several times (as XLA:CPU does with an
 # executable's temporaries; NumPy would not do here, it asks for huge pages), on the main thread and on
 # a new thread (glibc gives it a secondary arena), and reports page faults per cycle after a
@@ -27,7 +29,8 @@ _PROBE = textwrap.dedent("""
       ctypes.memset(block, 1, SIZE)
       libc.free(block)
 
-    applied = hostmem.reuse_freed_memory() if sys.argv[1] == "reuse" else None
+    max_bytes = int(sys.argv[1])
+    applied = hostmem.reuse_freed_memory(max_bytes) if max_bytes else None
 
     def faults_per_cycle(out):
       for _ in range(2):
@@ -51,21 +54,27 @@ pytestmark = pytest.mark.skipif(
     reason="mallopt settings are glibc's")
 
 
-def _probe(mode):
-  out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True,
-                       check=True)
+def _probe(max_block_bytes):
+  out = subprocess.run([sys.executable, "-c", _PROBE, str(max_block_bytes)], capture_output=True,
+                       text=True, check=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_freed_blocks_are_reused_on_every_thread():
-  result = _probe("reuse")
+  result = _probe(hostmem.DEFAULT_MAX_BLOCK_BYTES)
   assert result["applied"] is True
   assert result["main"] < 0.05 * _PAGES, result
   assert result["thread"] < 0.05 * _PAGES, result
 
 
-def test_without_it_each_cycle_faults_its_block_in():
-  # The premise of the module: glibc's defaults unmap such blocks on free.
-  result = _probe("default")
+@pytest.mark.parametrize("max_block_bytes", [0, 2**26])
+def test_each_cycle_faults_its_block_in_without_it_or_above_the_bound(max_block_bytes):
+  # 0: glibc's defaults, the module's premise; 64 MiB: blocks above the bound keep their mmaps.
+  result = _probe(max_block_bytes)
   assert result["main"] > 0.9 * _PAGES, result
   assert result["thread"] > 0.9 * _PAGES, result
+
+
+def test_rejects_a_bound_mallopt_cannot_take():
+  with pytest.raises(ValueError, match="max_block_bytes"):
+    hostmem.reuse_freed_memory(2**31)

@@ -84,7 +84,7 @@ def materialize(x: jax.Array) -> jax.Array:
   return jnp.zeros_like(x).at[slots].set(x, unique_indices=True, indices_are_sorted=True)
 
 
-# The identity's cotangent is g itself; autodiff of the scatter would gather it, a pass for nothing.
+# The identity's cotangent is g itself; the scatter's own VJP would gather it, a pass for nothing.
 materialize.defvjp(lambda x: (materialize(x), None), lambda _, g: (g,))
 
 

@@ -11,9 +11,9 @@ import pytest
 from hashgnn_jax import hostmem
 
 # Each process mallocs, fills and frees a 96 MiB block several times (as XLA:CPU does with an
-# executable's temporaries; NumPy would not do here, it asks for huge pages), on the main thread and on
-# a new thread (glibc gives it a secondary arena), and reports page faults per cycle after a
-# warm-up. 96 MiB is above glibc's largest mmap threshold (32 MiB) and a secondary arena's heap
+# executable's temporaries; NumPy would not do here, it asks for huge pages), on the main thread
+# and on a new thread (glibc gives it a secondary arena), and reports page faults per cycle after
+# a warm-up. 96 MiB is above glibc's largest mmap threshold (32 MiB) and a secondary arena's heap
 # (64 MiB), the two ways a block ends up in an mmap of its own.
 _PROBE = textwrap.dedent("""
     import ctypes, json, resource, sys, threading

@@ -27,9 +27,8 @@ from hashgnn_jax import graph as graph_lib
 # From this share of the table's rows touched (at most) per step, one sequential pass over the whole
 # table beats random row access (`row_adam_update`). Measured on a 2-core CPU, benchmark config:
 # at a share of 1 (Gowalla size, batch 256 or 4096) streaming was 16-23% faster, at 0.40 (Alibaba
-# size, batch 4096) 5% faster, and at 0.025 (Alibaba, batch 256) 8x slower. Measured before the
-# streaming form read gradients through a slot index (its steps 11-30% faster since); not
-# re-measured.
+# size, batch 4096) 5% faster, and at 0.025 (Alibaba, batch 256) 8x slower. Re-measured after the
+# slot index: streaming still level or faster at shares 1 (Gowalla and MovieLens/4096) and 0.40.
 STREAMING_SHARE = 0.25
 
 

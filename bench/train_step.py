@@ -201,7 +201,6 @@ def main():
   parser.add_argument("--variant", help=argparse.SUPPRESS)
   parser.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
   parser.add_argument("--num_devices", type=int, default=1, help=argparse.SUPPRESS)
-  parser.add_argument("--host_memory", default="reuse", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
     print(json.dumps(worker(args)))
@@ -224,7 +223,7 @@ def main():
           cmd = [sys.executable, __file__, "--worker", f"--shape={shape}", f"--batch={batch}",
                  f"--variant={variant}", f"--steps={args.steps}", f"--cache={args.cache}",
                  f"--scale={scale}", f"--num_devices={num_devices}",
-                 f"--host_memory={host_memory}"]
+                 f"--host-memory={host_memory}"]
           env = dict(os.environ)
           if num_devices > 1:  # On a CPU, split the host into devices; accelerators ignore it.
             flag = f"--xla_force_host_platform_device_count={num_devices}"

@@ -56,7 +56,7 @@ def main():
     if args.quick:
       item_z = item_z[:len(item_z) // 16]
     run = {"bits": bits, "items": len(item_z), "ms": {}, "same_ids": {},
-           "auto_block_size": retrieval.ItemIndex(item_z, tie_seed=0).block_size}
+           "auto_block_size": retrieval.index_layout(len(item_z), jax.local_devices())[1]}
     reference = {}
     for block_size in map(int, args.blocks.split(",")):
       index = retrieval.ItemIndex(item_z, tie_seed=0, block_size=block_size)

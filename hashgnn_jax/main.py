@@ -30,8 +30,9 @@ flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"],
                   "validation.")
 flags.DEFINE_bool("reuse_host_memory", True,
                   "Set glibc's malloc to keep freed blocks for reuse, so XLA:CPU does not fault "
-                  "in fresh buffers on every step (hashgnn_jax/hostmem.py); up to ~1 GiB of "
-                  "freed memory then stays in the process.")
+                  "in fresh buffers on every step (hashgnn_jax/hostmem.py); up to "
+                  f"{hostmem.DEFAULT_MAX_BLOCK_BYTES / 2**30:g} GiB of freed memory then stays "
+                  "in the process.")
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 

@@ -475,6 +475,23 @@ def _auto_block_size(shard_items: int, platform: str) -> int:
   return min(1 << max(int(np.log2(target)), 0), cap)
 
 
+
+def index_layout(num_items: int, devices, *, item_shards: int | None = None,
+                 block_size: int | None = None) -> tuple[int, int]:
+  """The (item shards, block size) an `ItemIndex` of `num_items` items on `devices` takes.
+
+  None picks the default, as `ItemIndex` does; a benchmark can read the automatic block size
+  here without packing a whole index for it.
+  """
+  if item_shards is None:
+    item_shards = len(devices) if num_items >= _ITEM_SHARDING_FROM else 1
+  if item_shards < 1 or len(devices) % item_shards:
+    raise ValueError(f"item_shards={item_shards} must divide the {len(devices)} devices.")
+  if block_size is not None and block_size < 1:
+    raise ValueError(f"block_size={block_size} must be >= 1.")
+  shard_items = -(-num_items // item_shards)
+  return item_shards, block_size or _auto_block_size(shard_items, devices[0].platform)
+
 class ItemIndex:
   """Device-resident item codes for exact Hamming, hierarchical and inner-product search.
 
@@ -496,22 +513,17 @@ class ItemIndex:
       raise ValueError(f"item_z must have shape [I, K] with I > 0, got {item_z.shape}.")
     self.num_items, self.num_bits = item_z.shape
     devices = jax.local_devices() if devices is None else list(devices)
-    if item_shards is None:
-      item_shards = len(devices) if self.num_items >= _ITEM_SHARDING_FROM else 1
-    if item_shards < 1 or len(devices) % item_shards:
-      raise ValueError(f"item_shards={item_shards} must divide the {len(devices)} devices.")
+    item_shards, self.block_size = index_layout(self.num_items, devices, item_shards=item_shards,
+                                                block_size=block_size)
     self._mesh = jax.sharding.Mesh(
       np.array(devices).reshape(-1, item_shards), (_USERS, _ITEMS)
     )
     shard_items = -(-self.num_items // item_shards)
-    if block_size is not None and block_size < 1:
-      raise ValueError(f"block_size={block_size} must be >= 1.")
     if selection not in SELECTIONS:
       raise ValueError(f"Unknown selection {selection!r}; valid: {', '.join(SELECTIONS)}.")
     self._counting = selection == "counting" or (
       selection == "auto" and devices[0].platform == "cpu"
     )
-    self.block_size = block_size or _auto_block_size(shard_items, devices[0].platform)
     blocks_needed = -(-shard_items // self.block_size)
     self._tile_blocks = min(blocks_needed, max(_TILE_ITEMS // self.block_size, 1))
     blocks_per_shard = -(-blocks_needed // self._tile_blocks) * self._tile_blocks

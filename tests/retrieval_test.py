@@ -243,6 +243,21 @@ def test_auto_block_size_is_about_sqrt_items_over_128_capped_per_platform():
   assert retrieval._auto_block_size(10, "cpu") == 1
 
 
+def test_index_layout_is_the_layout_an_index_takes():
+  devices = jax.devices()[:2]
+  item_z = np.random.default_rng(0).normal(size=(5_000, 32)).astype(np.float32)
+  # 5,000 items: sqrt(39) ~ 6.2 -> blocks of 4, one item shard below the sharding threshold.
+  assert retrieval.index_layout(5_000, devices) == (1, 4)
+  assert retrieval.ItemIndex(item_z, tie_seed=0, devices=devices).block_size == 4
+  # Each shard holds half the items: sqrt(19) ~ 4.4 -> blocks of 4 still; 2 shards asked for.
+  assert retrieval.index_layout(5_000, devices, item_shards=2) == (2, 4)
+  assert retrieval.index_layout(5_000, devices, block_size=8) == (1, 8)
+  # From the sharding threshold on, the items spread over every device.
+  assert retrieval.index_layout(retrieval._ITEM_SHARDING_FROM, devices)[0] == 2
+  with pytest.raises(ValueError, match="block_size=0 must be >= 1"):
+    retrieval.index_layout(5_000, devices, block_size=0)
+
+
 def test_padding_never_displaces_items():
   # Padding codes are z = 0: distance 0 and inner product 0 to an all-ones user, better than any
   # item here, so the block mixing items and padding wins a pick it must not use up.

@@ -158,17 +158,25 @@ def smallest_set(values, k: int, max_value: int):
   values: integers in [0, max_value]. Ties take the lower columns, as `jax.lax.top_k` of -values
   would; the result is the same set as top_k's, in column order rather than value order.
   """
-  num_rows, n = values.shape
+  n = values.shape[1]
   if not 1 <= k <= n:
     raise ValueError(f"k={k} must lie in [1, {n}].")
   values = values.astype(jnp.int32)
-  # The k-th smallest value: the least t with at least k values <= t.
-  low = jnp.zeros((num_rows, 1), jnp.int32)
-  high = jnp.full((num_rows, 1), max_value, jnp.int32)
-  for _ in range(max(max_value, 1).bit_length()):
+
+  # The k-th smallest value: the least t with at least k values <= t. A loop rather than unrolled
+  # passes: XLA:CPU fused the producer of `values` (in retrieval, a transpose of the block
+  # distances) into every pass, so each pass transposed them again, a third of a Hamming search at
+  # the Pinterest shape; a loop's operand is computed once.
+  def halve(_, bounds):
+    low, high = bounds
     middle = (low + high) // 2
     enough = jnp.sum(values <= middle, axis=1, keepdims=True, dtype=jnp.int32) >= k
-    high, low = jnp.where(enough, middle, high), jnp.where(enough, low, middle + 1)
+    return jnp.where(enough, low, middle + 1), jnp.where(enough, middle, high)
+
+  # Shaped after `values`, so that under shard_map the bounds vary over the same mesh axes.
+  low = jnp.zeros_like(values[:, :1])  # [C, 1]
+  high = jnp.full_like(values[:, :1], max_value)
+  _, high = jax.lax.fori_loop(0, max(max_value, 1).bit_length(), halve, (low, high))
   below, at = values < high, values == high
   room = k - jnp.sum(below, axis=1, keepdims=True, dtype=jnp.int32)  # [C, 1] slots left for ties
   # One prefix count of both masks, packed into disjoint bits while exact in float32.

@@ -41,6 +41,26 @@ def test_argsort_is_stable(num_entries):
   np.testing.assert_array_equal(got, np.argsort(keys, axis=1, kind="stable"))
 
 
+@pytest.mark.parametrize("num_entries", [3, 100, 1024, 1025])
+def test_argsort_orders_keys_that_differ_in_their_lowest_bits(num_entries):
+  # Neighbouring floats share all but their last bits, so the first of the two packed sorts sees
+  # them as equal and the second must order them; 1,025 entries take the (key, index) network.
+  rng = np.random.default_rng(num_entries)
+  keys = rng.standard_normal((4, num_entries)).astype(np.float32)
+  keys[:, 1::3] = np.nextafter(keys[:, 0::3][:, :len(range(1, num_entries, 3))], -np.inf)
+  keys[:, 2::7] = keys[:, :1]
+  keys[:, ::11] = np.inf
+  keys[:, 5::11] = -np.inf
+  got = jax.jit(selection.argsort)(keys)
+  np.testing.assert_array_equal(got, np.argsort(keys, axis=1, kind="stable"))
+  ints = rng.integers(np.iinfo(np.int32).min, np.iinfo(np.int32).max, keys.shape, np.int32)
+  ints[:, 1::3] = ints[:, 0::3][:, :len(range(1, num_entries, 3))] ^ 1
+  ints[:, ::5] = np.iinfo(np.int32).max
+  ints[:, 2::5] = np.iinfo(np.int32).min
+  got = jax.jit(selection.argsort)(ints)
+  np.testing.assert_array_equal(got, np.argsort(ints, axis=1, kind="stable"))
+
+
 def test_argsort_by_hand_treats_signed_zeros_as_equal():
   keys = jnp.array([[0.0, -0.0, -1.0, 0.0, -0.0]], jnp.float32)
   np.testing.assert_array_equal(jax.jit(selection.argsort)(keys), [[2, 0, 1, 3, 4]])

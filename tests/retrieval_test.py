@@ -177,10 +177,13 @@ def _tied_search_inputs(seed, num_items, num_users, num_bits):
     (4, 1, 4, 16),  # Nine users over four user shards need padding.
   ],
 )
+@pytest.mark.parametrize("users_major", [True, False])
 def test_two_level_sharded_search_matches_flat_reference(monkeypatch, num_devices, item_shards,
-                                                         block_size, tile_items):
+                                                         block_size, tile_items, users_major):
   # Several tiles per shard exercise the continuous scan's running merge.
   monkeypatch.setattr(retrieval, "_TILE_ITEMS", tile_items)
+  # Block distances users-major (small shards on CPU) or blocks-major and transposed.
+  monkeypatch.setattr(retrieval, "_USERS_MAJOR_MAX_BYTES", (1 << 30) if users_major else -1)
   # 403 items leave a partial block and padding; 6 results keep picks below the block counts.
   num_items, num_users = 403, 9
   item_z, user_z, exclude = _tied_search_inputs(block_size, num_items, num_users, 64)

@@ -152,7 +152,7 @@ def _packed_argsort(keys, width: int, index_bits: int):
   """Stable argsort of int32 keys [..., N] by two min/max sorts of packed keys: [..., width].
 
   First by (the key's high 32 - index_bits bits, index) packed in one int32; entries whose high
-  bits agree then lie in runs, and a second sort by (run start, the key's low bits, index),
+  bits agree then lie in runs, and a second sort by (run number, the key's low bits, index),
   3 * index_bits bits, orders each run by the whole key. Both orders agree across runs, so the
   result is the order of (key, index).
   """
@@ -163,8 +163,9 @@ def _packed_argsort(keys, width: int, index_bits: int):
   (first,) = _sort_chunks([(keys & ~mask) | positions], width, _min_max, alternate=False)
   high = first & ~mask
   starts = jnp.concatenate(
-    [jnp.ones_like(high[..., :1], bool), high[..., 1:] != high[..., :-1]], axis=-1)
-  run = jax.lax.cummax(jnp.where(starts, positions, 0), axis=keys.ndim - 1)
+    [jnp.zeros_like(high[..., :1], bool), high[..., 1:] != high[..., :-1]], axis=-1)
+  # Runs numbered by a prefix count of their starts: XLA's cummax (a reduce-window) cost more.
+  run = _prefix_counts(starts.reshape(-1, width)).reshape(starts.shape)
   index = first & mask
   low = jnp.take_along_axis(keys, index, axis=-1) & mask
   (second,) = _sort_chunks([(run << 2 * index_bits) | (low << index_bits) | index], width,

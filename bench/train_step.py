@@ -53,6 +53,8 @@ def benchmark_config(batch_size: int, sampler_mode: str, embedding_update: str):
   config.model.embed_dim = 64
   config.model.aggregator = "gcn"
   config.model.hidden_dims = (128, 68)
+  # The layers are leaky_relu(W·mean(...)), without a bias (the hash layer keeps its b).
+  config.model.use_bias = False
   config.model.hash_bits = 32
   config.guidance.granularity = "element"
   config.guidance.schedule = "constant"

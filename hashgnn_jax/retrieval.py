@@ -71,9 +71,9 @@ _ITEM_SHARDING_FROM = 1 << 21
 # On CPU, a shard whose packed codes take at most this many bytes gets its block distances
 # computed users-major (`_block_distances_by_user`): the codes then stay in cache while every user
 # reads them all, and no transpose is needed. Measured (2-core CPU with 512 KiB of L2 per core,
-# 1,024 users a call): 1.7-2.1x faster than blocks-major plus transpose at the MovieLens,
-# Pinterest and Gowalla shapes (K = 32 and 64) and from 256 to 384 KiB of codes, level at 512
-# to 768 KiB, 1.3x slower at 1 MiB.
+# 1,024 users a call), against blocks-major plus a transpose: 1.1-2.5x faster at the MovieLens,
+# Pinterest and Gowalla shapes (K = 32 and 64, up to 320 KiB of codes) and at 256 to 384 KiB,
+# level to 1.3x slower from 512 KiB to 2 MiB.
 _USERS_MAJOR_MAX_BYTES = 384 << 10
 # Items per tile of the continuous scan: 2**17 measured fastest of 2**13 .. 2**18 at 4.2M items.
 _TILE_ITEMS = 1 << 17

@@ -216,15 +216,22 @@ def sample_blocks(graph: graph_lib.DeviceGraph, edge_ids: jax.Array, keys: jax.A
   return blocks, marks
 
 
-def draw_keep_continuous(keys: jax.Array, p: jax.Array, *, num_negatives: int, width: int,
-                         share_positive: bool) -> jax.Array:
-  """Guidance mask Q ~ Bernoulli(p) per target: [b] keys -> bool [b·(2+T), width].
+def draw_keep_continuous(seed: jax.Array, positions: jax.Array, p: jax.Array, *,
+                         num_negatives: int, width: int, share_positive: bool) -> jax.Array:
+  """Guidance mask Q ~ Bernoulli(p) per target: positions [b] -> bool [b·(2+T), width].
 
   width is K (one draw per bit) or 1 (one per node). With `share_positive` a user and its
-  positive item use one draw, as the authors' code does.
+  positive item use one draw, as the authors' code does. Each draw hashes (seed uint32 scalar,
+  the example's position in the global batch, target, bit), as `hashed_neighbours` does, so it
+  does not depend on the device count; vmapped threefry keys took 6-9 ms for the 917k draws of
+  batch 4096 at K = 32 on CPU, this 0.6 ms. p resolves to 2**-24.
   """
-  def draw(key):
-    q = jax.random.bernoulli(key, p, (2 + num_negatives, width))
-    return q.at[1].set(q[0]) if share_positive else q
-
-  return _targets_major(jax.vmap(draw)(keys))
+  rows = 2 + num_negatives
+  counter = (positions.astype(jnp.uint32)[:, None, None] * jnp.uint32(rows * width)
+             + jnp.arange(rows, dtype=jnp.uint32)[:, None] * jnp.uint32(width)
+             + jnp.arange(width, dtype=jnp.uint32))  # [b, 2+T, width], distinct below 2**32
+  uniform = (_mix32(_mix32(counter ^ seed)) >> 8).astype(jnp.float32) * 2.0**-24  # [0, 1)
+  q = uniform < p
+  if share_positive:
+    q = q.at[:, 1].set(q[:, 0])
+  return _targets_major(q)

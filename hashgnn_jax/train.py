@@ -188,7 +188,7 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
     batch, row_ids, row_valid, marks = sample(
         graph, edge_ids, sampler.example_keys(sample_key, within), sample_key, state.node_marks)
     p = schedule(state.step)
-    keep = sampler.draw_keep_continuous(sampler.example_keys(guide_key, within), p,
+    keep = sampler.draw_keep_continuous(jax.random.bits(guide_key, (), jnp.uint32), within, p,
                                         num_negatives=num_negatives, width=width,
                                         share_positive=share)
 

@@ -1,5 +1,7 @@
 """Model pieces against NumPy: STE sign, guidance mixing, both aggregators on a hand-made graph."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,9 +39,9 @@ def test_guided_codes_mix_and_gradient():
 def test_guidance_mask_statistics(granularity):
   num_examples, num_negatives, bits, p = 4_000, 3, 16, 0.3
   width = bits if granularity == "element" else 1
-  keys = sampler.example_keys(jax.random.PRNGKey(3), jnp.arange(num_examples))
   keep = np.asarray(sampler.draw_keep_continuous(
-      keys, jnp.float32(p), num_negatives=num_negatives, width=width, share_positive=False))
+      jnp.uint32(3), jnp.arange(num_examples), jnp.float32(p), num_negatives=num_negatives,
+      width=width, share_positive=False))
   assert keep.shape == (num_examples * (2 + num_negatives), width)
   n = keep.size
   assert abs(keep.mean() - p) < 4 * np.sqrt(p * (1 - p) / n)
@@ -55,11 +57,28 @@ def test_guidance_mask_statistics(granularity):
 
 
 def test_shared_positive_draw():
-  keys = sampler.example_keys(jax.random.PRNGKey(0), jnp.arange(500))
-  keep = np.asarray(sampler.draw_keep_continuous(keys, jnp.float32(0.5), num_negatives=2,
-                                                 width=1, share_positive=True))
+  keep = np.asarray(sampler.draw_keep_continuous(jnp.uint32(0), jnp.arange(500), jnp.float32(0.5),
+                                                 num_negatives=2, width=1, share_positive=True))
   np.testing.assert_array_equal(keep[:500], keep[500:1000])
   assert not np.array_equal(keep[:500], keep[1000:1500:2])
+
+
+def test_guidance_draws_follow_global_positions_and_the_seed():
+  # A device drawing examples 4..7 of the global batch gets their rows of the whole batch's mask.
+  draw = functools.partial(sampler.draw_keep_continuous, p=jnp.float32(0.5), num_negatives=2,
+                           width=8, share_positive=False)
+
+  def per_example(keep, b):  # [users (b) | positives (b) | negatives (b·2)] -> [b, 4, width]
+    return np.concatenate([keep[:b, None], keep[b:2 * b, None], keep[2 * b:].reshape(b, 2, -1)],
+                          axis=1)
+
+  whole = per_example(np.asarray(draw(jnp.uint32(7), jnp.arange(8))), 8)
+  part = per_example(np.asarray(draw(jnp.uint32(7), jnp.arange(4, 8))), 4)
+  np.testing.assert_array_equal(part, whole[4:])
+  assert not np.array_equal(whole, per_example(np.asarray(draw(jnp.uint32(8), jnp.arange(8))), 8))
+  # p = 1 keeps every code continuous and p = 0 none.
+  assert np.asarray(draw(jnp.uint32(7), jnp.arange(8), p=jnp.float32(1.0))).all()
+  assert not np.asarray(draw(jnp.uint32(7), jnp.arange(8), p=jnp.float32(0.0))).any()
 
 
 def _hand_graph():

@@ -310,7 +310,9 @@ def _hamming_shard(words, user_words, distances, exclude, *, valid_items, num_pi
     return top_k(keys, min(num_results, num_blocks))
 
   def block_scores(blocks):  # [C, m] -> [C, m, b]
-    return -_popcount_distance(user_words[:, None, None], block_words[blocks]).astype(jnp.float32)
+    # Block ids come from selection, so always in range: an unchecked gather.
+    picked_words = block_words.at[blocks].get(mode="promise_in_bounds")  # [C, m, b, W]
+    return -_popcount_distance(user_words[:, None, None], picked_words).astype(jnp.float32)
 
   if exclude is not None:
     ex_blocks, ex_offsets = exclude // block_size, exclude % block_size  # [C, L]
@@ -421,7 +423,10 @@ def _search_shard(words, z, user_words, user_z, distances, exclude=None, *, mode
   )
   if mode == "hamming":
     return top_scores[None], (top_pos + offset)[None]
-  inner = jnp.einsum("ck,cmk->cm", user_z, z[top_pos], precision=jax.lax.Precision.HIGHEST)
+  # Positions are the shard's own, so in range: an unchecked gather (hierarchical M = 100 search
+  # 0-10% faster at the MovieLens and Pinterest shapes, same process, 2-core CPU).
+  candidates = z.at[top_pos].get(mode="promise_in_bounds")  # [C, M, K]
+  inner = jnp.einsum("ck,cmk->cm", user_z, candidates, precision=jax.lax.Precision.HIGHEST)
   # Excluded candidates must stay below every kept one after re-ranking too.
   inner = jnp.where(jnp.isneginf(top_scores), -jnp.inf, inner)
   return top_scores[None], (top_pos + offset)[None], inner[None]

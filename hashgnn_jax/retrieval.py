@@ -19,8 +19,10 @@ Devices form a mesh of user shards (a chunk's users split, items replicated) × 
 split into contiguous position ranges, lists merged). Within an item shard, positions are cut into
 blocks of b consecutive positions; per user:
   1. block keys [C, I / b]: each block's best score. Hamming keys come from a fused pass over the
-     packed codes with users as the fastest axis, compiled apart from the rest because fused with
-     the transpose that top_k needs it reads every code once per user instead of once per chunk.
+     packed codes with users as the fastest axis, then transposed in a jit of its own (fused with
+     the transpose, the pass would read every code once per user instead of once per chunk); on
+     CPU, a shard whose codes fit in cache is read users-major from a copy laid out by offset
+     within the block, which needs no transpose.
      Continuous keys come from a scan over tiles of 2**17 items: per tile a [T, C] product, its
      block maxima, and its best blocks with their scores merged into a running best, so no [C, I]
      array exists and re-ranked scores equal the keys bit for bit.
@@ -290,7 +292,7 @@ def _hamming_shard(words, user_words, distances, exclude, *, valid_items, num_pi
                    num_results, counting):
   """Exact Hamming top list (scores, local positions) [C, n] of one shard.
 
-  words [S, W] by local position; user_words [C, W]; distances [C, B] from `_users_major`;
+  words [S, W] by local position; user_words [C, W]; distances [C, B] (block distances);
   exclude: local positions [C, L], ascending within the shard and S for the rest, or None;
   counting: select by counting and sorting networks instead of top_k (`_hamming_top_k`).
   """
@@ -470,8 +472,9 @@ def _search(words, z, tie_order, user_words, user_z, distances, exclude, *, mesh
             counting):
   """Exact top-n (item ids, scores) [C, n] for one chunk of users over a sharded ItemIndex.
 
-  distances: `_users_major` block distances of the chunk, or None in continuous mode; counting: counting
-  selection and sorting networks instead of top_k for Hamming lists and the hierarchical re-rank.
+  distances: block distances [D, C, B] of the chunk, or None in continuous mode; counting:
+  counting selection and sorting networks instead of top_k for Hamming lists and the
+  hierarchical re-rank.
   """
   extra_args = () if exclude is None else (exclude[None],)
   hierarchical = mode == "hierarchical"
@@ -523,7 +526,6 @@ def _auto_block_size(shard_items: int, platform: str) -> int:
   return min(1 << max(int(np.log2(target)), 0), cap)
 
 
-
 def index_layout(num_items: int, devices, *, item_shards: int | None = None,
                  block_size: int | None = None) -> tuple[int, int]:
   """The (item shards, block size) an `ItemIndex` of `num_items` items on `devices` takes.
@@ -539,6 +541,7 @@ def index_layout(num_items: int, devices, *, item_shards: int | None = None,
     raise ValueError(f"block_size={block_size} must be >= 1.")
   shard_items = -(-num_items // item_shards)
   return item_shards, block_size or _auto_block_size(shard_items, devices[0].platform)
+
 
 class ItemIndex:
   """Device-resident item codes for exact Hamming, hierarchical and inner-product search.

@@ -207,9 +207,9 @@ def smallest_set(values, k: int, max_value: int):
   values = values.astype(jnp.int32)
 
   # The k-th smallest value: the least t with at least k values <= t. A loop rather than unrolled
-  # passes: XLA:CPU fused the producer of `values` (in retrieval, a transpose of the block
-  # distances) into every pass, so each pass transposed them again, a third of a Hamming search at
-  # the Pinterest shape; a loop's operand is computed once.
+  # passes: XLA:CPU fuses the producer of `values` into every pass (in retrieval it once fused a
+  # transpose of the block distances into all of them, a third of a Hamming search at the
+  # Pinterest shape), while a loop's operand is computed once.
   def halve(_, bounds):
     low, high = bounds
     middle = (low + high) // 2

@@ -107,13 +107,23 @@ def pack_bits(codes: jax.Array) -> jax.Array:
   return jnp.sum(bits << shifts, axis=-1, dtype=jnp.uint32)  # [n, W]
 
 
-def _popcount_distance(words_a: jax.Array, words_b: jax.Array) -> jax.Array:
-  """Hamming distances (int32) between packed codes [..., W], broadcast over the leading axes."""
+def _popcount_distance(words_a: jax.Array, words_b: jax.Array, axis: int = -1) -> jax.Array:
+  """Hamming distances (int32) between packed codes, words along `axis`, the rest broadcast."""
+  word = functools.partial(jax.lax.index_in_dim, axis=axis, keepdims=False)
   # One word at a time, so a fused loop never holds a [..., W] intermediate.
   return sum(
-    jax.lax.population_count(words_a[..., w] ^ words_b[..., w]).astype(jnp.int32)
-    for w in range(words_a.shape[-1])
+    jax.lax.population_count(word(words_a, w) ^ word(words_b, w)).astype(jnp.int32)
+    for w in range(words_a.shape[axis])
   )
+
+
+def _block_minimum(distances: list[jax.Array], num_words: int) -> jax.Array:
+  """Elementwise minimum of a block's per-code distances, as keys of one shard: [1, ...].
+
+  Narrow keys (uint8 below 256 bits) make a transposed copy of them cheap.
+  """
+  dtype = jnp.uint8 if num_words * WORD_BITS < 256 else jnp.int32
+  return functools.reduce(jnp.minimum, distances).astype(dtype)[None]
 
 
 @jax.jit
@@ -243,9 +253,7 @@ def _block_distances(words, user_words, *, mesh, block_size):
     distances = [
       _popcount_distance(user_words[None], block_words[:, t, None]) for t in range(block_size)
     ]  # b x [B, C]
-    # Narrow keys make the transposed copy (`_users_major`) cheap.
-    dtype = jnp.uint8 if words.shape[-1] * WORD_BITS < 256 else jnp.int32
-    return functools.reduce(jnp.minimum, distances).astype(dtype)[None]
+    return _block_minimum(distances, words.shape[-1])
 
   return jax.shard_map(
     shard_fn, mesh=mesh, in_specs=(_P(_ITEMS), _P(_USERS)), out_specs=_P(_ITEMS, None, _USERS)
@@ -262,16 +270,11 @@ def _block_distances_by_user(words_by_offset, user_words, *, mesh):
 
   def shard_fn(words_by_offset, user_words):
     by_offset = words_by_offset[0]  # [b, W, B]
-    block_size, num_words, _ = by_offset.shape
     distances = [
-      sum(
-        jax.lax.population_count(user_words[:, w, None] ^ by_offset[t, w][None]).astype(jnp.int32)
-        for w in range(num_words)
-      )
-      for t in range(block_size)
+      _popcount_distance(user_words[:, :, None], by_offset[t][None], axis=1)
+      for t in range(by_offset.shape[0])
     ]  # b x [C, B]
-    dtype = jnp.uint8 if num_words * WORD_BITS < 256 else jnp.int32
-    return functools.reduce(jnp.minimum, distances).astype(dtype)[None]
+    return _block_minimum(distances, by_offset.shape[1])
 
   return jax.shard_map(
     shard_fn, mesh=mesh, in_specs=(_P(_ITEMS), _P(_USERS)), out_specs=_P(_ITEMS, _USERS)

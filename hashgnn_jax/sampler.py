@@ -162,6 +162,11 @@ def _mix32(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
+def _counter_hash(counter: jax.Array, seed: jax.Array) -> jax.Array:
+  """32 random-looking bits per uint32 counter, for a uint32 seed: the draws of a step."""
+  return _mix32(_mix32(counter ^ seed))
+
+
 def hashed_neighbours(graph: graph_lib.DeviceGraph, nodes: jax.Array, valid: jax.Array,
                       fanout: int, seed: jax.Array) -> tuple[jax.Array, jax.Array]:
   """`fanout` neighbours per node with replacement, a function of (seed, node id, slot) only.
@@ -176,7 +181,7 @@ def hashed_neighbours(graph: graph_lib.DeviceGraph, nodes: jax.Array, valid: jax
   degree = graph.indptr[nodes + 1] - start  # [n]
   slot = jnp.arange(fanout, dtype=jnp.uint32)
   x = nodes.astype(jnp.uint32)[:, None] * jnp.uint32(0x9E3779B1) + slot * jnp.uint32(0x632BE5AB)
-  r = _mix32(_mix32(x ^ seed))  # [n, fanout]
+  r = _counter_hash(x, seed)  # [n, fanout]
   offset = (r % jnp.maximum(degree, 1).astype(jnp.uint32)[:, None]).astype(jnp.int32)
   neighbours = graph.indices[start[:, None] + offset]
   mask = ((degree > 0) & valid)[:, None]
@@ -230,7 +235,7 @@ def draw_keep_continuous(seed: jax.Array, positions: jax.Array, p: jax.Array, *,
   counter = (positions.astype(jnp.uint32)[:, None, None] * jnp.uint32(rows * width)
              + jnp.arange(rows, dtype=jnp.uint32)[:, None] * jnp.uint32(width)
              + jnp.arange(width, dtype=jnp.uint32))  # [b, 2+T, width], distinct below 2**32
-  uniform = (_mix32(_mix32(counter ^ seed)) >> 8).astype(jnp.float32) * 2.0**-24  # [0, 1)
+  uniform = (_counter_hash(counter, seed) >> 8).astype(jnp.float32) * 2.0**-24  # [0, 1)
   q = uniform < p
   if share_positive:
     q = q.at[:, 1].set(q[:, 0])

@@ -8,7 +8,8 @@ from one H200 (BUILD_NOTES.md, "On a GPU"), where blocks of 64 made XLA split th
 into six kernels. This script times one `ItemIndex.search` call of --users users per block size
 and mode at a Table 4 shape (random codes, as bench/retrieval.py makes them), so a new card or
 a new XLA can be checked in a minute. Every block size must return the same ids (the search is
-exact whatever the blocks); the check is printed with the table. --quick: 1/16 of the items and
+exact whatever the blocks); the check is printed with the table. A case that fails on the device
+(out of memory, say) is reported as an error and the others go on. --quick: 1/16 of the items and
 256 users.
 """
 
@@ -55,7 +56,7 @@ def main():
     user_z, item_z = retrieval_bench.make_codes(args.shape, bits, users)
     if args.quick:
       item_z = item_z[:len(item_z) // 16]
-    run = {"bits": bits, "items": len(item_z), "ms": {}, "same_ids": {},
+    run = {"bits": bits, "items": len(item_z), "ms": {}, "same_ids": {}, "errors": {},
            "auto_block_size": retrieval.index_layout(len(item_z), jax.local_devices())[1]}
     reference = {}
     for block_size in map(int, args.blocks.split(",")):
@@ -64,7 +65,13 @@ def main():
         name = retrieval_bench.method_name(mode, num_candidates)
         search = lambda: index.search(user_z, mode=mode, num_results=100,  # noqa: E731
                                       num_candidates=num_candidates)
-        seconds, (ids, _) = median_seconds(search, args.repeats)
+        try:
+          seconds, (ids, _) = median_seconds(search, args.repeats)
+        except jax.errors.JaxRuntimeError as error:
+          # One case out of device memory (seen on an H100) must not lose the other cases.
+          run["errors"][f"{name} b={block_size}"] = str(error).splitlines()[0][:300]
+          run["ms"].setdefault(name, {})[block_size] = None
+          continue
         run["ms"].setdefault(name, {})[block_size] = 1e3 * seconds
         if name in reference:
           run["same_ids"][f"{name} b={block_size}"] = bool(np.array_equal(ids, reference[name]))
@@ -77,6 +84,8 @@ def main():
   if args.out:
     pathlib.Path(args.out).write_text(text + "\n")
   print_table(report)
+  if any(run["errors"] for run in report["runs"]):
+    raise SystemExit("Some cases failed on the device; see the errors above.")
 
 
 def print_table(report: dict) -> None:
@@ -88,7 +97,10 @@ def print_table(report: dict) -> None:
     print(f"K={run['bits']:<4}{'mode':<16}" + "".join(
         f"{f'b={b}' + ('*' if b == run['auto_block_size'] else ''):>10}" for b in blocks))
     for name, times in run["ms"].items():
-      print(f"{'':<6}{name:<16}" + "".join(f"{times[b]:>10.1f}" for b in blocks))
+      print(f"{'':<6}{name:<16}" + "".join(
+          f"{'error':>10}" if times.get(b) is None else f"{times[b]:>10.1f}" for b in blocks))
+    for case, message in run["errors"].items():
+      print(f"K={run['bits']} {case}: {message}")
   same = [ok for run in report["runs"] for ok in run["same_ids"].values()]
   print("ids identical across block sizes" if all(same) else "ids DIFFER across block sizes")
 

@@ -17,8 +17,9 @@
 #   5. retrieval at the three small Table 4 shapes, all users, top_k and counting selection.
 # BUDGET_S (seconds, unset: no limit) bounds the whole script: each stage's limit is cut to what is
 # left, and a stage with under a minute left is skipped (listed, not failed), so a lease of fixed
-# length returns the most important results first. On one H200, stages 1 (65,536 users), 2 and 5
-# took 40, 187 and 92 s (BUILD_NOTES.md).
+# length returns the most important results first. STAGES (comma-separated names as logged, unset:
+# all) runs only those. On one H100, stage 1 took 93 s and stage 2 about 55 s per case, most of it
+# the first step's compilation; on one H200, stage 5 took 92 s (BUILD_NOTES.md, "On a GPU").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench_out}"
@@ -28,9 +29,11 @@ LOG="$OUT/gpu.log"
 : > "$LOG"
 
 "$PY" - > "$OUT/device.json" <<'PY'
-import json, platform
+import json, os, platform
 import jax, jaxlib, numpy
-print(json.dumps({"backend": jax.default_backend(),
+# The environment's XLA and JAX settings change what XLA compiles (and how much memory it asks).
+env = {k: v for k, v in os.environ.items() if k.startswith(("XLA_", "JAX_", "TF_GPU", "CUDA_"))}
+print(json.dumps({"backend": jax.default_backend(), "env": env,
                   "devices": [d.device_kind for d in jax.devices()],
                   "jax": jax.__version__, "jaxlib": jaxlib.__version__, "numpy": numpy.__version__,
                   "python": platform.python_version(), "host": platform.node()}))
@@ -42,11 +45,13 @@ backend=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['backen
 failed=()
 skipped=()
 deadline=$((SECONDS + ${BUDGET_S:-1000000000}))
+wanted() { [[ -z "${STAGES:-}" || ",$STAGES," == *",$1,"* ]]; }
 # stage NAME SECONDS COMMAND...: runs COMMAND under a time limit (cut to what BUDGET_S leaves), its
 # output to the log too.
 stage() {
   local name=$1 limit=$2
   shift 2
+  wanted "$name" || return 0
   local left=$((deadline - SECONDS))
   if ((left < 60)); then
     echo "== $name: skipped, ${left} s of BUDGET_S left" | tee -a "$LOG"
@@ -75,13 +80,16 @@ if [[ "$backend" == "cpu" ]]; then
   stage block_size 600 "$PY" bench/block_size.py --quick --out="$OUT/block_size.json"
 else
   # The host generates the train graphs (NumPy only) while the accelerator runs retrieval.
-  JAX_PLATFORMS=cpu "$PY" bench/train_step.py --prepare-only >> "$LOG" 2>&1 &
-  prepare=$!
-  stage retrieval_alibaba 240 "$PY" bench/retrieval.py --shapes=alibaba --bits=32,64 \
+  prepare=
+  if wanted train_step; then
+    JAX_PLATFORMS=cpu "$PY" bench/train_step.py --prepare-only >> "$LOG" 2>&1 &
+    prepare=$!
+  fi
+  stage retrieval_alibaba 180 "$PY" bench/retrieval.py --shapes=alibaba --bits=32,64 \
     --devices=1 --user-chunk=4096 --alibaba-users=0 --alibaba-baseline-users=4 --repeats=1 \
     --methods=ours,numpy --out="$OUT/retrieval_alibaba.json"
-  wait "$prepare" || failed+=(prepare)
-  stage train_step 240 "$PY" bench/train_step.py --variants=node/rowwise --steps=5 \
+  [[ -z "$prepare" ]] || wait "$prepare" || failed+=(prepare)
+  stage train_step 360 "$PY" bench/train_step.py --variants=node/rowwise --steps=5 \
     --out="$OUT/train_step.json"
   stage block_size 200 "$PY" bench/block_size.py --out="$OUT/block_size.json"
   stage default_job 200 "$PY" bench/default_run.py --devices=1 --platform=default --serve \

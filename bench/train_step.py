@@ -130,7 +130,8 @@ def worker(args) -> dict:
   order = jax.device_put(sampler.epoch_order(jax.random.PRNGKey(1), 0, graph.num_edges),
                          replicated)
   rng = jax.random.PRNGKey(2)
-  step_fn = train.make_train_step(model, tx, config, per_epoch, devices)
+  set_sizes = train.fit_set_sizes(config, device_graph, devices)
+  step_fn = train.make_stepper(model, tx, config, per_epoch, devices, set_sizes)
 
   def sample_only(step, marks):
     # The same draw the first device makes at `step`, jitted alone (devices sample concurrently).
@@ -140,7 +141,7 @@ def worker(args) -> dict:
     keys = sampler.example_keys(key, positions)
     if mode == "node":
       return sampler.sample_blocks(device_graph, edge_ids, keys, key, marks, fanouts=(10, 5),
-                                   num_negatives=5)
+                                   num_negatives=5, sizes=set_sizes)
     return sampler.sample_batch(device_graph, edge_ids, keys, fanouts=(10, 5), num_negatives=5)
 
   def timed(fn, n):
@@ -157,9 +158,9 @@ def worker(args) -> dict:
   compile_seconds = time.perf_counter() - compile_start
 
   def one_step():
-    nonlocal state
-    state, m = step_fn(state, device_graph, order, rng, shard_ids)
-    return m
+    nonlocal state, metrics
+    state, metrics = step_fn(state, device_graph, order, rng, shard_ids)
+    return metrics
 
   step_seconds = timed(one_step, args.steps)
   sample_fn = jax.jit(sample_only)
@@ -178,6 +179,9 @@ def worker(args) -> dict:
       "first_step_seconds": round(compile_seconds, 2),
       "peak_rss_gib": round(peak_rss / 2**30, 3),
       "loss": float(metrics["loss"]),
+      # Per-device set sizes the model ran on when the last step's sample fit them.
+      "set_sizes": list(set_sizes) if set_sizes else None,
+      "trimmed": float(metrics.get("trimmed", 0.0)),
       "device": str(devices[0].platform),
   }
 

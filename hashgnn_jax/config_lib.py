@@ -23,6 +23,7 @@ EVAL_MODES = ("hamming", "hierarchical", "continuous")
 PROTOCOLS = ("standard", "paper")
 SPLITS = ("random", "published", "temporal")
 SAMPLER_MODES = ("node", "tree")
+TRIM_SETS = ("auto", "always", "never")
 EMBEDDING_UPDATES = ("rowwise", "dense")
 LR_SCHEDULES = ("constant", "cosine")
 TIMESTAMP_UNITS = tuple(readers.TIMESTAMP_UNIT_DIGITS)
@@ -85,6 +86,10 @@ def default_config() -> ml_collections.ConfigDict:
   # node: distinct nodes sample once per hop and are computed once (GraphSAGE minibatch);
   # tree: every target gets its own sampled tree (authors' code). sampler.py has the details.
   config.sampler.mode = "node"
+  # node mode: bound the node sets by sizes fitted on a few sampled batches, where that cuts a
+  # tenth or more of their slots (exact: a batch that does not fit runs again untrimmed; the host
+  # waits for each step to know). auto: on CPU devices, whose steps are long; always; never.
+  config.sampler.trim_sets = "auto"
 
   config.model = ml_collections.ConfigDict()
   config.model.embed_dim = 64  # Learned ID embedding (the public data sets have no attributes).
@@ -267,6 +272,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"config.data.min_rating={config.data.min_rating} filters by rating, and "
         "config.data.kind='synthetic' has no ratings; leave it at -inf.")
   _check_choice(config.data.timestamp_unit, TIMESTAMP_UNITS, "data.timestamp_unit")
+  _check_choice(config.sampler.trim_sets, TRIM_SETS, "sampler.trim_sets")
   _check_choice(config.model.aggregator, AGGREGATORS, "model.aggregator")
   _check_choice(config.model.init, ("normal", "glorot"), "model.init")
   _check_choice(config.guidance.granularity, GRANULARITIES, "guidance.granularity")

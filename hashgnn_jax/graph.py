@@ -173,8 +173,9 @@ def unique_nodes(ids: jax.Array, valid: jax.Array, size: int,
 
   ids, valid [n]; marks [N + 1] all `EMPTY_MARK` (see `empty_marks`) -> (unique ids [size],
   padded with N; unique_valid [size]; inverse [n], the slot of each valid id in the unique list,
-  0 for invalid entries; marks, all empty again). Needs size >= the number of distinct valid ids
-  (min(n, N) always suffices).
+  0 for invalid entries; marks, all empty again). Every distinct valid id gets a slot when size
+  >= their number (min(n, N) always suffices); with a smaller size, those past it get none (their
+  inverse is >= size) and the marks are still cleared.
 
   A scatter-min of positions into the marks finds first occurrences, where a sort of the ids
   (jnp.unique) ran 15x slower on CPU at 300k ids. Only this call's entries are written and then

@@ -133,11 +133,14 @@ def create_train_state(model: model_lib.HashGNN, tx: optax.GradientTransformatio
 
 def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict, per_epoch: int,
-                    devices: list[jax.Device]):
+                    devices: list[jax.Device], set_sizes: tuple[int, ...] | None = None):
   """The pmapped step: (state, graph, edge_order, rng, shard_ids) -> (state, metrics).
 
   state, graph, edge_order and rng go in unreplicated (in_axes None); shard_ids, a device-resident
   arange over devices, is the one mapped input. State and metrics come back unreplicated.
+  set_sizes ("node" mode, `sampler.fit_set_sizes`) bounds the node sets; a step whose sample does
+  not fit them on some device changes nothing and reports metrics["trimmed"] = 0 (`make_stepper`
+  then runs it untrimmed).
   """
   num_devices = len(devices)
   batch_size = config.train.batch_size
@@ -160,7 +163,8 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
     """The batch's sample and the embedding rows it reads: (sample, ids [S], valid [S], marks)."""
     if node_mode:
       blocks, marks = sampler.sample_blocks(graph, edge_ids, keys, sample_key, marks,
-                                            fanouts=fanouts, num_negatives=num_negatives)
+                                            fanouts=fanouts, num_negatives=num_negatives,
+                                            sizes=set_sizes)
       return blocks, blocks.nodes, blocks.valid, marks
     trees = sampler.sample_batch(graph, edge_ids, keys, fanouts=fanouts,
                                  num_negatives=num_negatives)
@@ -197,12 +201,16 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
       return losses.hashgnn_loss(model_lib.guided_codes(z, keep), local, config.loss,
                                  model.hash_bits)
 
+    # False when some device's sample overflowed set_sizes: the step then updates nothing.
+    complete = True
+    if set_sizes is not None:
+      complete = jax.lax.psum(jnp.logical_not(batch.complete).astype(jnp.int32), AXIS) == 0
     if rowwise:
       table, dense = split_embedding(state.params)
       # Padding slots read row 0, reach no target, and get no update (their ids lie past the
       # table, which the update drops).
       rows = table.at[jnp.where(row_valid, row_ids, 0)].get(mode="promise_in_bounds")  # [S, E]
-      row_ids = jnp.where(row_valid, row_ids, graph.num_nodes)
+      row_ids = jnp.where(row_valid & complete, row_ids, graph.num_nodes)
       (grads, row_grads), metrics = jax.grad(
           lambda d, r: loss_fn(join_embedding(table, d), r), argnums=(0, 1),
           has_aux=True)(dense, rows)
@@ -219,19 +227,71 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
     dense_state = state.opt_state["dense"] if rowwise else state.opt_state
     updates, dense_state = tx.update(grads, dense_state, dense)
     params = optax.apply_updates(dense, updates)
+    if set_sizes is not None:
+      # Rows were kept from the update above; the rest is small, except in dense mode's table.
+      keep_old = lambda new, old: jnp.where(complete, new, old)
+      params = jax.tree.map(keep_old, params, dense)
+      dense_state = jax.tree.map(keep_old, dense_state,
+                                 state.opt_state["dense"] if rowwise else state.opt_state)
+      if rowwise:
+        rows_state = rows_state.replace(
+            count=keep_old(rows_state.count, state.opt_state["rows"].count))
+      metrics["trimmed"] = jnp.asarray(complete, jnp.float32)
     if rowwise:
       params = join_embedding(table, params)
       opt_state = {"dense": dense_state, "rows": rows_state}
     else:
       opt_state = dense_state
     metrics["guidance_p"] = jnp.asarray(p, jnp.float32)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         node_marks=marks), metrics
+    return state.replace(step=state.step + jnp.asarray(complete, jnp.int32), params=params,
+                         opt_state=opt_state, node_marks=marks), metrics
 
   # Donating the state lets XLA update the table and its moments in place: without it, each step
   # copies them whole, which at Alibaba size costs more than the batch's own work.
   return jax.pmap(train_step, axis_name=AXIS, in_axes=(None, None, None, None, 0),
                   out_axes=(None, None), devices=devices, donate_argnums=(0,))
+
+
+def fit_set_sizes(config: ml_collections.ConfigDict, graph: graph_lib.DeviceGraph,
+                  devices: list[jax.Device]) -> tuple[int, ...] | None:
+  """`make_train_step`'s set_sizes for `config.sampler.trim_sets` (None: untrimmed), logged."""
+  trim = config.sampler.trim_sets
+  if trim == "auto":
+    trim = "always" if devices[0].platform == "cpu" else "never"
+  if config.sampler.mode != "node" or trim == "never":
+    return None
+  sizes = sampler.fit_set_sizes(graph, config.train.batch_size // len(devices),
+                                fanouts=tuple(config.sampler.fanouts),
+                                num_negatives=config.sampler.num_negatives, seed=config.seed)
+  logging.info("Node sets per device trimmed to %s slots.", sizes or "(none: sets near full)")
+  return sizes
+
+
+def make_stepper(model: model_lib.HashGNN, tx: optax.GradientTransformation,
+                 config: ml_collections.ConfigDict, per_epoch: int, devices: list[jax.Device],
+                 set_sizes: tuple[int, ...] | None):
+  """The step the train loop calls: `make_train_step`'s, on trimmed sets where a batch fits them.
+
+  With set_sizes, each step runs trimmed and the host reads whether it fitted (so it waits for
+  every step); a step that did not is run again untrimmed, a second step function compiled on
+  first use. metrics["trimmed"] says which one ran.
+  """
+  untrimmed = make_train_step(model, tx, config, per_epoch, devices)
+  if set_sizes is None:
+    return untrimmed
+  trimmed = make_train_step(model, tx, config, per_epoch, devices, set_sizes)
+
+  def step(state, graph, edge_order, rng, shard_ids):
+    state, metrics = trimmed(state, graph, edge_order, rng, shard_ids)
+    if float(metrics["trimmed"]):
+      return state, metrics
+    logging.info("Step %d: a sample overflowed the trimmed node sets; ran untrimmed.",
+                 int(state.step))
+    state, metrics = untrimmed(state, graph, edge_order, rng, shard_ids)
+    metrics["trimmed"] = jnp.zeros((), jnp.float32)
+    return state, metrics
+
+  return step
 
 
 def device_layout(devices: list[jax.Device]) -> tuple[jax.sharding.Sharding, jax.Array]:
@@ -349,7 +409,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   graph = graph_lib.to_device(exp.graph, replicated)
   order_fn = jax.jit(functools.partial(sampler.epoch_order, num_edges=exp.graph.num_edges),
                      out_shardings=replicated)
-  p_train_step = make_train_step(exp.model, exp.tx, config, exp.per_epoch, devices)
+  set_sizes = fit_set_sizes(config, graph, devices)
+  p_train_step = make_stepper(exp.model, exp.tx, config, exp.per_epoch, devices, set_sizes)
   best = exp.best_checkpointer(workdir)
 
   def periodic_eval(state, step):

@@ -211,7 +211,8 @@ def test_encode_blocks_matches_numpy():
                   jnp.array([[3, 3], [2, 2], [0, 1]], jnp.int32)),
       masks=(jnp.array([[True, True], [True, False]]),
              jnp.array([[True, False], [True, True], [True, True]])),
-      targets=jnp.array([1, 0, 0], jnp.int32))
+      targets=jnp.array([1, 0, 0], jnp.int32), counts=jnp.array([2, 3, 4], jnp.int32),
+      complete=jnp.array(True))
   z = np.asarray(model.apply({"params": params}, blocks, method=model_lib.HashGNN.encode_blocks))
 
   emb = np.asarray(params["embedding"]["embedding"])[np.array([4, 0, 6, 1])]

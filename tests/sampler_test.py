@@ -175,3 +175,61 @@ def test_sample_blocks_nest_sets_and_point_at_real_neighbours():
         continue
       for slot, ok in zip(slots, m):
         assert not ok or nodes[slot] in neighbours[v]
+
+
+def test_sample_blocks_within_sizes_equal_the_unbounded_sample():
+  graph, device_graph, _, edge_ids, keys = _small_batch()
+  kwargs = dict(fanouts=(4, 3), num_negatives=5)
+  sample = lambda sizes: sampler.sample_blocks(
+      device_graph, edge_ids, keys, jax.random.PRNGKey(5), graph_lib.empty_marks(graph.num_nodes),
+      sizes=sizes, **kwargs)
+  full, _ = sample(None)
+  counts = tuple(int(c) for c in full.counts)
+  # Set sizes [S_0, S_1, S_2], and each set's valid slots counted from its own prefix.
+  full_sizes = [m.shape[0] for m in full.masks] + [full.nodes.shape[0]]
+  assert counts[-1] == int(np.sum(full.valid))
+  assert all(c <= s for c, s in zip(counts, full_sizes)) and counts[0] < full_sizes[0]
+  assert bool(full.complete)
+
+  exact, marks = sample(counts)  # As small as the sets allow.
+  assert bool(exact.complete)
+  np.testing.assert_array_equal(marks, graph_lib.empty_marks(graph.num_nodes))
+  np.testing.assert_array_equal(exact.nodes, full.nodes[:counts[-1]])
+  np.testing.assert_array_equal(exact.valid, full.valid[:counts[-1]])
+  np.testing.assert_array_equal(exact.targets, full.targets)
+  np.testing.assert_array_equal(exact.counts, full.counts)
+  for hop, size in enumerate(counts[:-1]):
+    np.testing.assert_array_equal(exact.neighbours[hop], full.neighbours[hop][:size])
+    np.testing.assert_array_equal(exact.masks[hop], full.masks[hop][:size])
+
+  for hop in range(3):  # One slot short in any set: reported, and the marks still cleared.
+    short = tuple(c - (h == hop) for h, c in enumerate(counts))
+    short = tuple(max(short[:h + 1]) for h in range(3))  # Sets stay non-decreasing.
+    if short == counts:
+      continue
+    cut, marks = sample(short)
+    assert not bool(cut.complete), hop
+    np.testing.assert_array_equal(marks, graph_lib.empty_marks(graph.num_nodes))
+
+
+def test_fit_set_sizes_hold_fresh_batches_and_stay_off_when_sets_are_full():
+  graph, _ = _random_graph(num_users=3000, num_items=2000, num_pairs=20000, seed=3)
+  device_graph = graph_lib.to_device(graph)
+  kwargs = dict(fanouts=(4, 3), num_negatives=5)
+  batch = 64
+  sizes = sampler.fit_set_sizes(device_graph, batch, seed=0, **kwargs)
+  assert sizes is not None and list(sizes) == sorted(sizes)
+  for seed in range(5):  # Batches the fit did not see, drawn as an epoch's shuffle draws them.
+    key = jax.random.PRNGKey(100 + seed)
+    edge_ids = jax.random.permutation(key, graph.num_edges)[:batch]
+    blocks, _ = sampler.sample_blocks(
+        device_graph, edge_ids, sampler.example_keys(key, jnp.arange(batch)), key,
+        graph_lib.empty_marks(graph.num_nodes), **kwargs)
+    full_sizes = [m.shape[0] for m in blocks.masks] + [blocks.nodes.shape[0]]
+    assert all(int(c) <= s <= f for c, s, f in zip(blocks.counts, sizes, full_sizes))
+  # Aligned where trimmed, and a real saving (S_0 may stay full: most of a batch's targets differ).
+  assert all(s % 128 == 0 or s == f for s, f in zip(sizes, full_sizes))
+  assert sum(sizes) < 0.9 * sum(full_sizes)
+  # A batch that reaches nearly every node of a small graph: nothing to trim.
+  small, _ = _random_graph()
+  assert sampler.fit_set_sizes(graph_lib.to_device(small), batch, seed=0, **kwargs) is None

@@ -31,11 +31,15 @@ def _config(**overrides):
   return config
 
 
-def _run_steps(exp, devices, num_steps, state=None):
+def _run_steps(exp, devices, num_steps, state=None, set_sizes=None):
   """Runs `num_steps` pmapped steps on `devices` the way train_and_evaluate does."""
   replicated, shard_ids = train.device_layout(devices)
   graph = graph_lib.to_device(exp.graph, replicated)
-  step_fn = train.make_train_step(exp.model, exp.tx, exp.config, exp.per_epoch, devices)
+  if set_sizes == "fit":
+    set_sizes = train.fit_set_sizes(exp.config, graph, devices)
+    assert set_sizes is not None
+  step_fn = train.make_train_step(exp.model, exp.tx, exp.config, exp.per_epoch, devices,
+                                  set_sizes)
   state = jax.device_put(exp.initial_state() if state is None else state, replicated)
   metrics = None
   for _ in range(num_steps):
@@ -54,23 +58,75 @@ def experiment():
 # "rowwise" at this size streams its update (optim.STREAMING_SHARE); "rowwise-gathered" forces
 # the gathered form that large catalogues use.
 @pytest.mark.parametrize("mode,update", [("node", "rowwise"), ("node", "rowwise-gathered"),
-                                         ("tree", "rowwise"), ("node", "dense")])
+                                         ("tree", "rowwise"), ("node", "dense"),
+                                         ("node", "rowwise-trimmed")])
 def test_four_devices_match_one_device(experiment, mode, update, monkeypatch):
   assert jax.local_device_count() >= 4
   if update == "rowwise-gathered":
     monkeypatch.setattr(optim, "STREAMING_SHARE", float("inf"))
-    update = "rowwise"
+  set_sizes = "fit" if update == "rowwise-trimmed" else None
+  update = update.split("-")[0]
   if (mode, update) != (experiment.config.sampler.mode, experiment.config.train.embedding_update):
     experiment = train.Experiment(_config(sampler__mode=mode, train__embedding_update=update))
-  one_state, one_metrics, _ = _run_steps(experiment, jax.local_devices()[:1], 2)
-  four_state, four_metrics, _ = _run_steps(experiment, jax.local_devices()[:4], 2)
+  one_state, one_metrics, _ = _run_steps(experiment, jax.local_devices()[:1], 2,
+                                         set_sizes=set_sizes)
+  four_state, four_metrics, _ = _run_steps(experiment, jax.local_devices()[:4], 2,
+                                           set_sizes=set_sizes)
   assert int(one_state.step) == int(four_state.step) == 2
+  if set_sizes:
+    assert float(one_metrics["trimmed"]) == float(four_metrics["trimmed"]) == 1.0
   for name in one_metrics:
     np.testing.assert_allclose(four_metrics[name], one_metrics[name], rtol=1e-5, atol=1e-6)
   # Adam divides by the gradient's own scale, so the summation order's float noise in a near-zero
   # gradient moves a row by up to ~1e-3 of a step (lr 1e-2 here); a real error moves it ~lr.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                one_state.params, four_state.params)
+
+
+@pytest.mark.parametrize("update", ["rowwise", "dense"])
+def test_trimmed_steps_match_untrimmed_steps(update):
+  experiment = train.Experiment(_config(train__embedding_update=update))
+  devices = jax.local_devices()[:1]
+  full_state, full_metrics, _ = _run_steps(experiment, devices, 3)
+  trim_state, trim_metrics, _ = _run_steps(experiment, devices, 3, set_sizes="fit")
+  assert int(trim_state.step) == 3 and float(trim_metrics.pop("trimmed")) == 1.0
+  for name in full_metrics:
+    np.testing.assert_allclose(trim_metrics[name], full_metrics[name], rtol=1e-5, atol=1e-6)
+  # Fewer padding rows change the float summation order only (see the four-device test).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               full_state.params, trim_state.params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               full_state.opt_state, trim_state.opt_state)
+
+
+@pytest.mark.parametrize("update", ["rowwise", "dense"])
+def test_overflowing_step_changes_nothing_and_the_stepper_reruns_it(update):
+  experiment = train.Experiment(_config(train__embedding_update=update))
+  devices = jax.local_devices()[:2]
+  replicated, shard_ids = train.device_layout(devices)
+  graph = graph_lib.to_device(experiment.graph, replicated)
+  order = jax.device_put(sampler.epoch_order(experiment.order_rng, 0, experiment.graph.num_edges),
+                         replicated)
+  args = (graph, order, experiment.step_rng, shard_ids)
+  fresh = lambda: jax.device_put(experiment.initial_state(), replicated)
+  too_small = (32, 1024, 1024)  # Fewer slots than the batch's distinct targets.
+  start = experiment.initial_state()
+  state, metrics = train.make_train_step(experiment.model, experiment.tx, experiment.config,
+                                         experiment.per_epoch, devices, too_small)(fresh(), *args)
+  assert float(metrics["trimmed"]) == 0.0 and int(state.step) == 0
+  jax.tree.map(np.testing.assert_array_equal, state.params, start.params)
+  jax.tree.map(np.testing.assert_array_equal, state.opt_state, start.opt_state)
+  np.testing.assert_array_equal(state.node_marks, start.node_marks)
+
+  untrimmed_state, untrimmed_metrics = train.make_train_step(
+      experiment.model, experiment.tx, experiment.config, experiment.per_epoch, devices)(
+          fresh(), *args)
+  stepper = train.make_stepper(experiment.model, experiment.tx, experiment.config,
+                               experiment.per_epoch, devices, too_small)
+  state, metrics = stepper(fresh(), *args)
+  assert float(metrics.pop("trimmed")) == 0.0 and int(state.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, state, untrimmed_state)
+  jax.tree.map(np.testing.assert_array_equal, metrics, untrimmed_metrics)
 
 
 def test_step_compiles_once_across_steps_and_epochs(experiment, monkeypatch):
@@ -263,6 +319,9 @@ def test_invalid_config_values_name_the_key():
   config = _config()
   config.model.hidden_dims = (8,)
   with pytest.raises(ValueError, match=r"config\.model\.hidden_dims"):
+    train.Experiment(config)
+  config = _config(sampler__trim_sets="yes")
+  with pytest.raises(ValueError, match=r"config\.sampler\.trim_sets='yes'"):
     train.Experiment(config)
   for key, value in (("lr_schedule", "step"), ("lr_end_fraction", 1.5), ("warmup_steps", -1)):
     config = _config()

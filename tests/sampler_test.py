@@ -213,10 +213,10 @@ def test_sample_blocks_within_sizes_equal_the_unbounded_sample():
 
 
 def test_fit_set_sizes_hold_fresh_batches_and_stay_off_when_sets_are_full():
-  graph, _ = _random_graph(num_users=3000, num_items=2000, num_pairs=20000, seed=3)
+  graph, _ = _random_graph(num_users=12000, num_items=8000, num_pairs=60000, seed=3)
   device_graph = graph_lib.to_device(graph)
   kwargs = dict(fanouts=(4, 3), num_negatives=5)
-  batch = 64
+  batch = 256  # Untrimmed sets of 1,792 + 8,960 + 20,000 slots.
   sizes = sampler.fit_set_sizes(device_graph, batch, seed=0, **kwargs)
   assert sizes is not None and list(sizes) == sorted(sizes)
   for seed in range(5):  # Batches the fit did not see, drawn as an epoch's shuffle draws them.
@@ -230,6 +230,10 @@ def test_fit_set_sizes_hold_fresh_batches_and_stay_off_when_sets_are_full():
   # Aligned where trimmed, and a real saving (S_0 may stay full: most of a batch's targets differ).
   assert all(s % 128 == 0 or s == f for s, f in zip(sizes, full_sizes))
   assert sum(sizes) < 0.9 * sum(full_sizes)
-  # A batch that reaches nearly every node of a small graph: nothing to trim.
+  # Sets too small to repay the fit and a wait per step: not even sampled.
   small, _ = _random_graph()
   assert sampler.fit_set_sizes(graph_lib.to_device(small), batch, seed=0, **kwargs) is None
+  # Sets big enough (6,000 + 6,000 + 6,000 slots) but nearly full: a batch of 2,048 edges reaches
+  # almost every node of a 6,000-node graph.
+  dense, _ = _random_graph(num_users=3500, num_items=2500, num_pairs=40000, seed=3)
+  assert sampler.fit_set_sizes(graph_lib.to_device(dense), 2048, seed=0, **kwargs) is None

@@ -65,6 +65,7 @@ def test_four_devices_match_one_device(experiment, mode, update, monkeypatch):
   if update == "rowwise-gathered":
     monkeypatch.setattr(optim, "STREAMING_SHARE", float("inf"))
   set_sizes = "fit" if update == "rowwise-trimmed" else None
+  monkeypatch.setattr(sampler, "_MIN_TRIM_SLOTS", 0)  # This config's sets are small.
   update = update.split("-")[0]
   if (mode, update) != (experiment.config.sampler.mode, experiment.config.train.embedding_update):
     experiment = train.Experiment(_config(sampler__mode=mode, train__embedding_update=update))
@@ -84,7 +85,8 @@ def test_four_devices_match_one_device(experiment, mode, update, monkeypatch):
 
 
 @pytest.mark.parametrize("update", ["rowwise", "dense"])
-def test_trimmed_steps_match_untrimmed_steps(update):
+def test_trimmed_steps_match_untrimmed_steps(update, monkeypatch):
+  monkeypatch.setattr(sampler, "_MIN_TRIM_SLOTS", 0)  # This config's sets are small.
   experiment = train.Experiment(_config(train__embedding_update=update))
   devices = jax.local_devices()[:1]
   full_state, full_metrics, _ = _run_steps(experiment, devices, 3)
@@ -97,6 +99,17 @@ def test_trimmed_steps_match_untrimmed_steps(update):
                full_state.params, trim_state.params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                full_state.opt_state, trim_state.opt_state)
+
+
+def test_trim_sets_setting(experiment, monkeypatch):
+  monkeypatch.setattr(sampler, "_MIN_TRIM_SLOTS", 0)
+  devices = jax.local_devices()[:1]
+  graph = graph_lib.to_device(experiment.graph)
+  fit = lambda **overrides: train.fit_set_sizes(_config(**overrides), graph, devices)
+  sizes = fit()  # "auto", on CPU devices.
+  assert sizes is not None and sizes == fit(sampler__trim_sets="always")
+  assert fit(sampler__trim_sets="never") is None
+  assert fit(sampler__mode="tree") is None
 
 
 @pytest.mark.parametrize("update", ["rowwise", "dense"])

@@ -86,9 +86,10 @@ def default_config() -> ml_collections.ConfigDict:
   # node: distinct nodes sample once per hop and are computed once (GraphSAGE minibatch);
   # tree: every target gets its own sampled tree (authors' code). sampler.py has the details.
   config.sampler.mode = "node"
-  # node mode: bound the node sets by sizes fitted on a few sampled batches, where that cuts a
-  # tenth or more of their slots (exact: a batch that does not fit runs again untrimmed; the host
-  # waits for each step to know). auto: on CPU devices, whose steps are long; always; never.
+  # node mode: bound the node sets by sizes fitted on a few sampled batches where the sets are big
+  # and that cuts a tenth of their slots (exact: a batch that does not fit runs again untrimmed;
+  # the host waits for each step to know). auto: on CPU devices, whose steps are long; always;
+  # never. sampler.fit_set_sizes has the rule.
   config.sampler.trim_sets = "auto"
 
   config.model = ml_collections.ConfigDict()

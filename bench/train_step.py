@@ -119,7 +119,7 @@ def worker(args) -> dict:
   devices = jax.local_devices()[:args.num_devices]
   if len(devices) < args.num_devices:
     raise ValueError(f"--devices={args.num_devices} but only {len(devices)} local devices.")
-  local = args.batch // len(devices)
+  local = train.local_batch_size(config, devices)
   model = model_lib.create_model(config.model, num_users, num_items)
   per_epoch = train.steps_per_epoch(graph.num_edges, args.batch)
   tx = train.create_optimizer(config.train, train.total_steps(config.train, per_epoch))

@@ -131,6 +131,15 @@ def create_train_state(model: model_lib.HashGNN, tx: optax.GradientTransformatio
                     node_marks=graph_lib.empty_marks(model.num_nodes))
 
 
+def local_batch_size(config: ml_collections.ConfigDict, devices: list[jax.Device]) -> int:
+  """Each device's share of `config.train.batch_size`, which the devices must divide."""
+  batch_size, num_devices = config.train.batch_size, len(devices)
+  if batch_size % num_devices:
+    raise ValueError(f"config.train.batch_size={batch_size} must be divisible by the number of "
+                     f"devices ({num_devices}).")
+  return batch_size // num_devices
+
+
 def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict, per_epoch: int,
                     devices: list[jax.Device], set_sizes: tuple[int, ...] | None = None):
@@ -142,12 +151,8 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
   not fit them on some device changes nothing and reports metrics["trimmed"] = 0 (`make_stepper`
   then runs it untrimmed).
   """
-  num_devices = len(devices)
   batch_size = config.train.batch_size
-  if batch_size % num_devices:
-    raise ValueError(f"config.train.batch_size={batch_size} must be divisible by the number of "
-                     f"devices ({num_devices}).")
-  local = batch_size // num_devices
+  local = local_batch_size(config, devices)
   fanouts = tuple(config.sampler.fanouts)
   num_negatives = config.sampler.num_negatives
   num_targets = local * (2 + num_negatives)
@@ -260,7 +265,7 @@ def fit_set_sizes(config: ml_collections.ConfigDict, graph: graph_lib.DeviceGrap
     trim = "always" if devices[0].platform == "cpu" else "never"
   if config.sampler.mode != "node" or trim == "never":
     return None
-  sizes = sampler.fit_set_sizes(graph, config.train.batch_size // len(devices),
+  sizes = sampler.fit_set_sizes(graph, local_batch_size(config, devices),
                                 fanouts=tuple(config.sampler.fanouts),
                                 num_negatives=config.sampler.num_negatives, seed=config.seed)
   logging.info("Node sets per device trimmed to %s slots.", sizes or "(none: sets near full)")

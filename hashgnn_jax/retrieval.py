@@ -41,9 +41,11 @@ choices need no top_k: the blocks to keep are found by counting (`selection.smal
 (n + p)-th smallest key by binary search over distances, each kept block's column by a prefix count
 and another binary search), which also leaves them in block order; the items of those blocks are
 chosen the same way and then ordered by a bitonic sorting network over (distance, slot) keys
-packed into int32, as is the hierarchical re-rank over (inner product, Hamming rank) pairs. The
-results are top_k's. Lists of more than `_COUNTING_MAX_SLOTS` and rows longer than
-`_COUNTING_ENTRIES_PER_SLOT` times the list still go to top_k. bench/retrieval.py, all users,
+packed into int32. The hierarchical re-rank sorts by (inner product, Hamming rank) with networks
+too; with one item shard it sorts by (inner product, distance, position) inside the shard, so the
+Hamming list it re-ranks needs no ordering of its own. The results are top_k's. Lists of more
+than `_COUNTING_MAX_SLOTS` and rows longer than `_COUNTING_ENTRIES_PER_SLOT` times the list still
+go to top_k. bench/retrieval.py, all users,
 K = 32, one device: Hamming search at the MovieLens shape 0.16 s against top_k's 0.27.
 
 Memory per device is O(C * I / b) for Hamming and hierarchical search and O(C * 2**17) for
@@ -203,16 +205,19 @@ def _hamming_columns(scores, k, *, num_bits, counting):
   return jnp.sort(jax.lax.top_k(scores, k)[1], axis=1)
 
 
-def _hamming_top_k(scores, k, *, num_bits, counting):
+def _hamming_top_k(scores, k, *, num_bits, counting, ordered=True):
   """`jax.lax.top_k` for Hamming scores [C, N] (-distance or -inf): equal values and columns.
 
   With counting, the chosen columns are ordered by a sorting network over (distance, slot) pairs
   packed into one int32 key: slots follow column order, so ties go to lower columns as in top_k.
+  ordered=False leaves them in column order where counting applies (an unsorted top_k).
   """
   if not _counting_applies(scores.shape[1], k, counting=counting):
     return jax.lax.top_k(scores, k)
   distances = _as_distances(scores, num_bits)
   columns = selection_lib.smallest_set(distances, k, num_bits + 1)  # [C, k] ascending
+  if not ordered:
+    return jnp.take_along_axis(scores, columns, axis=1), columns
   distances = jnp.take_along_axis(distances, columns, axis=1)
   shift = max(k - 1, 1).bit_length()
   top = selection_lib.smallest((distances << shift) | jnp.arange(k, dtype=jnp.int32), k)
@@ -292,15 +297,18 @@ def _users_major(distances):
 
 
 def _hamming_shard(words, user_words, distances, exclude, *, valid_items, num_picks,
-                   num_results, counting):
+                   num_results, counting, ordered=True):
   """Exact Hamming top list (scores, local positions) [C, n] of one shard.
 
   words [S, W] by local position; user_words [C, W]; distances [C, B] (block distances);
   exclude: local positions [C, L], ascending within the shard and S for the rest, or None;
-  counting: select by counting and sorting networks instead of top_k (`_hamming_top_k`).
+  counting: select by counting and sorting networks instead of top_k (`_hamming_top_k`);
+  ordered=False: the list may come in position order instead (`_hamming_top_k`).
   """
   num_bits = words.shape[1] * WORD_BITS
-  top_k = functools.partial(_hamming_top_k, num_bits=num_bits, counting=counting)
+  top_k = functools.partial(
+    _hamming_top_k, num_bits=num_bits, counting=counting, ordered=ordered
+  )
   num_users, num_blocks = distances.shape
   block_size = words.shape[0] // num_blocks
   block_words = words.reshape(num_blocks, block_size, -1)  # [B, b, W]
@@ -404,8 +412,14 @@ def _continuous_shard(z, user_z, exclude, *, block_size, tile_blocks, valid_item
 
 
 def _search_shard(words, z, user_words, user_z, distances, exclude=None, *, mode, num_results,
-                  num_candidates, num_items, num_picks_extra, block_size, tile_blocks, counting):
-  """One shard's exact top list: (scores, global positions[, inner products]) [1, C, n]."""
+                  num_candidates, num_items, num_picks_extra, block_size, tile_blocks, counting,
+                  rerank=False):
+  """One shard's exact top list: (scores, global positions[, inner products]) [1, C, n].
+
+  Hierarchical mode returns the Hamming top M with their inner products, for `_search` to merge
+  and re-rank; with rerank=True (the only item shard) it re-ranks them itself and returns the
+  top n by inner product.
+  """
   words, z = words[0], z[0]  # [S, W], [S, K] by local position
   shard_items = z.shape[0]
   offset = jax.lax.axis_index(_ITEMS) * shard_items
@@ -424,7 +438,7 @@ def _search_shard(words, z, user_words, user_z, distances, exclude=None, *, mode
     )
     return top_scores[None], (top_pos + offset)[None]
   top_scores, top_pos = _hamming_shard(
-    words, user_words, distances[0], exclude, counting=counting, **kwargs
+    words, user_words, distances[0], exclude, counting=counting, ordered=not rerank, **kwargs
   )
   if mode == "hamming":
     return top_scores[None], (top_pos + offset)[None]
@@ -434,7 +448,17 @@ def _search_shard(words, z, user_words, user_z, distances, exclude=None, *, mode
   inner = jnp.einsum("ck,cmk->cm", user_z, candidates, precision=jax.lax.Precision.HIGHEST)
   # Excluded candidates must stay below every kept one after re-ranking too.
   inner = jnp.where(jnp.isneginf(top_scores), -jnp.inf, inner)
-  return top_scores[None], (top_pos + offset)[None], inner[None]
+  if not rerank:
+    return top_scores[None], (top_pos + offset)[None], inner[None]
+  # The stable re-rank of the Hamming list is the order of (-inner product, distance, position).
+  # The list holds each distance's candidates in position order, sorted or not, so the list's slot
+  # can stand for the position, and the Hamming list needs no sorting network of its own.
+  num_bits = words.shape[1] * WORD_BITS
+  top = selection_lib.argsort(
+    -inner, _as_distances(top_scores, num_bits), max_tie=num_bits + 1
+  )[:, :num_results]  # [C, n]
+  top_pos = jnp.take_along_axis(top_pos, top, axis=1)
+  return jnp.take_along_axis(inner, top, axis=1)[None], (top_pos + offset)[None]
 
 
 def _merge_shards(scores, *values, num_results):
@@ -481,6 +505,12 @@ def _search(words, z, tie_order, user_words, user_z, distances, exclude, *, mesh
   """
   extra_args = () if exclude is None else (exclude[None],)
   hierarchical = mode == "hierarchical"
+  # With one item shard a shard's candidates are final: re-ranked in the shard by distance as
+  # well as inner product, they spare counting the Hamming list's sorting network.
+  rerank = (
+    hierarchical and counting and mesh.shape[_ITEMS] == 1
+    and num_candidates <= _COUNTING_MAX_SLOTS
+  )
   shard_fn = jax.shard_map(
     functools.partial(
       _search_shard,
@@ -492,14 +522,15 @@ def _search(words, z, tie_order, user_words, user_z, distances, exclude, *, mesh
       block_size=block_size,
       tile_blocks=tile_blocks,
       counting=counting,
+      rerank=rerank,
     ),
     mesh=mesh,
     in_specs=(_P(_ITEMS), _P(_ITEMS), _P(_USERS), _P(_USERS), _P(_ITEMS, _USERS))
     + (_P(None, _USERS),) * len(extra_args),
-    out_specs=(_P(_ITEMS, _USERS),) * (3 if hierarchical else 2),
+    out_specs=(_P(_ITEMS, _USERS),) * (3 if hierarchical and not rerank else 2),
   )
   shard_lists = shard_fn(words, z, user_words, user_z, distances, *extra_args)
-  if hierarchical:
+  if hierarchical and not rerank:
     _, top_pos, inner = _merge_shards(*shard_lists, num_results=num_candidates)  # [C, M]
     # Both prefer lower columns among ties, i.e. the better Hamming rank: a stable re-rank.
     if counting and num_candidates <= _COUNTING_MAX_SLOTS:

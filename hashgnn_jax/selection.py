@@ -129,36 +129,63 @@ def _ordered_int32(keys):
   return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
-def argsort(keys):
-  """Stable ascending argsort of keys [..., N] (ties: lower index first), int32 [..., N].
+def argsort(keys, ties=None, *, max_tie: int = 0):
+  """Stable ascending argsort by (key, tie) of keys [..., N]: int32 [..., N].
 
-  Keys must not be NaN; -0.0 and 0.0 compare equal. float32 and int32 keys in rows of up to
-  1,024 entries take two sorts of single int32 keys (`_packed_argsort`); others a network over
-  (key, index) pairs, whose compare-exchange costs several times a min/max.
+  Equal (key, tie) pairs keep their index order. ties: None (all equal), or ints [..., N] in
+  [0, max_tie]. Keys must not be NaN; -0.0 and 0.0 compare equal. float32 and int32 keys in rows
+  of up to 1,024 entries take two sorts of single int32 keys (`_packed_argsort`) where the packed
+  fields fit 31 bits; others a network over (key, tie and index) pairs, whose compare-exchange
+  costs several times a min/max.
   """
   n = keys.shape[-1]
   width = 1 << max(n - 1, 0).bit_length()
   index_bits = max(width - 1, 1).bit_length()
-  if keys.dtype in (jnp.float32, jnp.int32) and 3 * index_bits <= 31:
-    return _packed_argsort(_ordered_int32(keys), width, index_bits)[..., :n]
-  index = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), keys.shape[:-1] + (width,))
+  tie_bits = max_tie.bit_length()
+  ties = jnp.zeros(keys.shape, jnp.int32) if ties is None else ties.astype(jnp.int32)
+  if keys.dtype in (jnp.float32, jnp.int32) and 3 * index_bits + tie_bits <= 31:
+    return _packed_argsort(_ordered_int32(keys), ties, width, index_bits, tie_bits)[..., :n]
   # Padding carries the largest key and indices beyond every real one, so it sorts last.
   keys = _pad(keys, width, _largest_value(keys.dtype))
-  _, index = _sort_chunks([keys, index], width, _lexicographic, alternate=False)
-  return index[..., :n]
+  index = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), keys.shape)
+  ties_index = (_pad(ties, width, 0) << index_bits) | index
+  _, ties_index = _sort_chunks([keys, ties_index], width, _lexicographic, alternate=False)
+  return ties_index[..., :n] & ((1 << index_bits) - 1)
 
 
-def _packed_argsort(keys, width: int, index_bits: int):
-  """Stable argsort of int32 keys [..., N] by two min/max sorts of packed keys: [..., width].
+# Odd-even transposition passes between `_packed_argsort`'s two sorts: they order every run of up
+# to this many entries, so the second sort runs only where a longer run is out of order.
+_RUN_PASSES = 3
+
+
+def _odd_even_passes(keys, passes: int):
+  """`passes` odd-even transposition passes over keys [..., N] (N even), starting with pairs 0-1."""
+  for p in range(passes):
+    # Pass p compares entries (2i + p % 2, 2i + 1 + p % 2); an odd pass leaves both ends alone.
+    inner = keys if p % 2 == 0 else keys[..., 1:-1]
+    pairs = inner.reshape(*inner.shape[:-1], -1, 2)
+    lower, upper = jnp.min(pairs, axis=-1), jnp.max(pairs, axis=-1)
+    inner = jnp.stack([lower, upper], axis=-1).reshape(inner.shape)
+    keys = inner if p % 2 == 0 else jnp.concatenate([keys[..., :1], inner, keys[..., -1:]], -1)
+  return keys
+
+
+def _packed_argsort(keys, ties, width: int, index_bits: int, tie_bits: int):
+  """Stable argsort by (key, tie) of int32 keys [..., N] via two packed min/max sorts: [..., width].
 
   First by (the key's high 32 - index_bits bits, index) packed in one int32; entries whose high
-  bits agree then lie in runs, and a second sort by (run number, the key's low bits, index),
-  3 * index_bits bits, orders each run by the whole key. Both orders agree across runs, so the
-  result is the order of (key, index).
+  bits agree then lie in runs, and an order by (run number, the key's low bits, tie, index),
+  3 * index_bits + tie_bits bits, orders each run by the whole key and the tie. Both orders agree
+  across runs, so the result is the order of (key, tie, index). Runs of float keys are short: for
+  the hierarchical re-rank of random codes at three Table 4 shapes, 4% of users had two of their
+  100 inner products share the high 25 bits and none of 4,096 had three. So odd-even passes sort
+  the runs, and the second full sort runs only when a longer run is still out of order somewhere
+  in the call (equal keys with equal ties, e.g. duplicate items, are in order already).
   """
   mask = (1 << index_bits) - 1
   # Padding gets the largest key and indices beyond every real one, so it sorts last.
   keys = _pad(keys, width, _largest_value(jnp.int32))
+  ties = _pad(ties, width, 0)
   positions = jnp.arange(width, dtype=jnp.int32)
   (first,) = _sort_chunks([(keys & ~mask) | positions], width, _min_max, alternate=False)
   high = first & ~mask
@@ -168,8 +195,18 @@ def _packed_argsort(keys, width: int, index_bits: int):
   run = _prefix_counts(starts.reshape(-1, width)).reshape(starts.shape)
   index = first & mask
   low = jnp.take_along_axis(keys, index, axis=-1) & mask
-  (second,) = _sort_chunks([(run << 2 * index_bits) | (low << index_bits) | index], width,
-                           _min_max, alternate=False)
+  tie = jnp.take_along_axis(ties, index, axis=-1)
+  second = (((((run << index_bits) | low) << tie_bits) | tie) << index_bits) | index
+  if width >= 2:
+    second = _odd_even_passes(second, _RUN_PASSES)
+  # Packed keys are distinct (the index), so a sorted row increases strictly.
+  in_order = jnp.all(second[..., 1:] > second[..., :-1])
+  second = jax.lax.cond(
+    in_order,
+    lambda x: x,
+    lambda x: _sort_chunks([x], width, _min_max, alternate=False)[0],
+    second,
+  )
   return second & mask
 
 

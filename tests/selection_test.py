@@ -66,6 +66,35 @@ def test_argsort_by_hand_treats_signed_zeros_as_equal():
   np.testing.assert_array_equal(jax.jit(selection.argsort)(keys), [[2, 0, 1, 3, 4]])
 
 
+@pytest.mark.parametrize(
+  # 129 entries with ties up to 1,000 need 3 * 8 + 10 bits: the (key, tie and index) network.
+  "num_entries, max_tie", [(1, 3), (2, 1), (100, 33), (128, 1000), (129, 65), (129, 1000)]
+)
+def test_argsort_orders_equal_keys_by_tie_then_index(num_entries, max_tie):
+  rng = np.random.default_rng(num_entries + max_tie)
+  keys = rng.integers(-3, 4, (6, num_entries)).astype(np.float32) / 2
+  keys[:, ::7] = -np.inf
+  ties = rng.integers(0, max_tie + 1, keys.shape).astype(np.int32)
+  ties[:, 1::5] = max_tie
+  got = jax.jit(selection.argsort, static_argnames="max_tie")(keys, ties, max_tie=max_tie)
+  index = np.broadcast_to(np.arange(num_entries), keys.shape)
+  np.testing.assert_array_equal(got, np.lexsort((index, ties, keys), axis=1))
+
+
+@pytest.mark.parametrize("run_length", [2, 3, 40])
+def test_argsort_orders_runs_of_keys_that_share_their_high_bits(run_length):
+  # Keys of a run differ in their 7 low bits only and come in descending order, so the first
+  # packed sort leaves each run reversed: odd-even passes mend runs of 2 and 3, a run of 40 needs
+  # the second full sort.
+  rng = np.random.default_rng(run_length)
+  num_entries = 120
+  bases = np.sort(rng.choice(1 << 20, num_entries // run_length + 1, replace=False)) << 7
+  keys = np.concatenate([base + np.arange(run_length)[::-1] for base in bases])[:num_entries]
+  keys = np.stack([keys, rng.permutation(keys), keys[::-1]]).astype(np.int32)
+  got = jax.jit(selection.argsort)(keys)
+  np.testing.assert_array_equal(got, np.argsort(keys, axis=1, kind="stable"))
+
+
 def _reference_set(values, k):
   """Columns of the k smallest (value, column) pairs per row, ascending."""
   return np.sort(np.stack([np.lexsort((np.arange(row.size), row))[:k] for row in values]), axis=1)

@@ -68,6 +68,33 @@ def combine_row_grads(ids: jax.Array, grads: jax.Array, marks: jax.Array,
   return unique, summed / num_devices, marks
 
 
+def _in_id_order(ids: jax.Array, grads: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
+  """ids [G] (distinct below num_rows, padding num_rows) and grads [G, D], ids ascending.
+
+  Why: rows read and written in id order cost less than in the sampler's order, as the hardware
+  prefetches along the table. Same-process A/B, benchmark configuration, 2-core CPU, Alibaba
+  size: batch 256 55.2 -> 45.3 ms a step, batch 4096 524 -> 446 ms. A sort of 41k ids would
+  cost ~7 ms on XLA:CPU; instead each id's rank comes from a bitmap of the ids: the set bits
+  below it, counted per 32-bit word (a prefix sum over num_rows / 32 words, the one part of the
+  cost that grows with the table: ~150k words at Alibaba size) and within its word by popcount.
+  Padding takes keys past every row, num_rows + its index, so it ranks last and stays distinct.
+  """
+  size = ids.shape[0]
+  keys = jnp.where(ids < num_rows, ids, num_rows + jnp.arange(size, dtype=ids.dtype))
+  word, bit = keys >> 5, jnp.left_shift(jnp.uint32(1), (keys & 31).astype(jnp.uint32))
+  # Distinct keys set distinct bits, so adding the bits of one word is or-ing them.
+  words = jnp.zeros(((num_rows + size) // 32 + 1,), jnp.uint32).at[word].add(
+      bit, mode="promise_in_bounds")
+  counts = jax.lax.population_count(words).astype(jnp.int32)
+  rank = (jnp.cumsum(counts) - counts)[word] + jax.lax.population_count(
+      words[word] & (bit - 1)).astype(jnp.int32)  # [G], a permutation of 0..G-1
+
+  def place(x):
+    return jnp.zeros_like(x).at[rank].set(x, mode="promise_in_bounds", unique_indices=True)
+
+  return place(ids), place(grads)
+
+
 def row_adam_update(table: jax.Array, state: RowAdamState, ids: jax.Array, grads: jax.Array, *,
                     learning_rate: float | optax.Schedule, b1: float = 0.9, b2: float = 0.999,
                     eps: float = 1e-8, streaming: bool | None = None
@@ -76,8 +103,9 @@ def row_adam_update(table: jax.Array, state: RowAdamState, ids: jax.Array, grads
 
   The defaults are optax.adam's; a schedule is called with the count of earlier updates, as
   optax.adam calls it, so both follow one lr(t) in step. Two implementations of the same update:
-  - gathered: read the G rows of the table and both moments, update, write them back; O(G), but
-    each access is a random row (~3-6 ns per element on CPU, against ~0.3 when sequential);
+  - gathered: read the G rows of the table and both moments, update, write them back, in id order
+    (`_in_id_order`); O(G) (and O(R / 32) cheap work), but each access is a random row (~3-6 ns
+    per element on CPU, against ~0.3 when sequential);
   - streaming: number the touched rows' slots in a dense [R] index, then one sequential pass over
     all R rows that updates the touched ones (reading their gradients through the index) and
     keeps the rest; O(R) cheap work plus one scatter of G ints.
@@ -112,6 +140,7 @@ def row_adam_update(table: jax.Array, state: RowAdamState, ids: jax.Array, grads
     new = adam(table, state.mu, state.nu, row_grads)  # [R, D] each
     table, mu, nu = (jnp.where(touched, a, b) for a, b in zip(new, (table, state.mu, state.nu)))
     return table, RowAdamState(count=count, mu=mu, nu=nu)
+  ids, grads = _in_id_order(ids, grads, table.shape[0])
   # Padding reads row 0 (its results are dropped below): an in-bounds gather is ~2x faster on
   # CPU than mode="fill"'s checked one.
   valid = ids < table.shape[0]

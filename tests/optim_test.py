@@ -102,6 +102,17 @@ def test_streaming_and_gathered_updates_agree():
   np.testing.assert_allclose(states[True].nu, states[False].nu, rtol=1e-6, atol=1e-7)
 
 
+def test_in_id_order_sorts_ids_and_moves_their_gradients_along():
+  # Ids on both sides of 32-bit word boundaries, padding (= num_rows) anywhere.
+  num_rows = 70
+  ids = np.array([69, 70, 32, 0, 70, 31, 33, 64, 70, 1], np.int32)
+  grads = np.arange(len(ids) * 2, dtype=np.float32).reshape(-1, 2)
+  got_ids, got_grads = jax.jit(optim._in_id_order, static_argnums=2)(ids, grads, num_rows)
+  order = np.argsort(np.where(ids < num_rows, ids, num_rows + np.arange(len(ids))), kind="stable")
+  np.testing.assert_array_equal(got_ids, [0, 1, 31, 32, 33, 64, 69, 70, 70, 70])
+  np.testing.assert_array_equal(got_grads, grads[order])
+
+
 def _numpy_unique(ids, valid):
   seen, order = {}, []
   for i, ok in zip(ids, valid):

@@ -142,13 +142,15 @@ def argsort(keys, ties=None, *, max_tie: int = 0):
   width = 1 << max(n - 1, 0).bit_length()
   index_bits = max(width - 1, 1).bit_length()
   tie_bits = max_tie.bit_length()
+  if index_bits + tie_bits > 31:
+    raise ValueError(f"max_tie={max_tie} and {n} entries do not fit an int32 with the index.")
   ties = jnp.zeros(keys.shape, jnp.int32) if ties is None else ties.astype(jnp.int32)
   if keys.dtype in (jnp.float32, jnp.int32) and 3 * index_bits + tie_bits <= 31:
     return _packed_argsort(_ordered_int32(keys), ties, width, index_bits, tie_bits)[..., :n]
-  # Padding carries the largest key and indices beyond every real one, so it sorts last.
+  # Padding carries the largest key and tie and indices beyond every real one, so it sorts last.
   keys = _pad(keys, width, _largest_value(keys.dtype))
   index = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), keys.shape)
-  ties_index = (_pad(ties, width, 0) << index_bits) | index
+  ties_index = (_pad(ties, width, (1 << tie_bits) - 1) << index_bits) | index
   _, ties_index = _sort_chunks([keys, ties_index], width, _lexicographic, alternate=False)
   return ties_index[..., :n] & ((1 << index_bits) - 1)
 
@@ -183,9 +185,9 @@ def _packed_argsort(keys, ties, width: int, index_bits: int, tie_bits: int):
   in the call (equal keys with equal ties, e.g. duplicate items, are in order already).
   """
   mask = (1 << index_bits) - 1
-  # Padding gets the largest key and indices beyond every real one, so it sorts last.
+  # Padding gets the largest key and tie and indices beyond every real one, so it sorts last.
   keys = _pad(keys, width, _largest_value(jnp.int32))
-  ties = _pad(ties, width, 0)
+  ties = _pad(ties, width, (1 << tie_bits) - 1)
   positions = jnp.arange(width, dtype=jnp.int32)
   (first,) = _sort_chunks([(keys & ~mask) | positions], width, _min_max, alternate=False)
   high = first & ~mask

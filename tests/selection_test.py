@@ -72,13 +72,25 @@ def test_argsort_by_hand_treats_signed_zeros_as_equal():
 )
 def test_argsort_orders_equal_keys_by_tie_then_index(num_entries, max_tie):
   rng = np.random.default_rng(num_entries + max_tie)
-  keys = rng.integers(-3, 4, (6, num_entries)).astype(np.float32) / 2
-  keys[:, ::7] = -np.inf
-  ties = rng.integers(0, max_tie + 1, keys.shape).astype(np.int32)
+  floats = rng.integers(-3, 4, (6, num_entries)).astype(np.float32) / 2
+  floats[:, ::7] = -np.inf
+  # The largest keys with the largest tie: padding, which holds both, must still sort last.
+  floats[:, 2::9] = np.inf
+  ints = rng.integers(-3, 4, floats.shape).astype(np.int32)
+  ints[:, 2::9] = np.iinfo(np.int32).max
+  ties = rng.integers(0, max_tie + 1, floats.shape).astype(np.int32)
   ties[:, 1::5] = max_tie
-  got = jax.jit(selection.argsort, static_argnames="max_tie")(keys, ties, max_tie=max_tie)
-  index = np.broadcast_to(np.arange(num_entries), keys.shape)
-  np.testing.assert_array_equal(got, np.lexsort((index, ties, keys), axis=1))
+  ties[:, 2::9] = max_tie
+  argsort = jax.jit(selection.argsort, static_argnames="max_tie")
+  index = np.broadcast_to(np.arange(num_entries), floats.shape)
+  for keys in (floats, ints):
+    got = argsort(keys, ties, max_tie=max_tie)
+    np.testing.assert_array_equal(got, np.lexsort((index, ties, keys), axis=1))
+
+
+def test_argsort_rejects_ties_that_do_not_fit():
+  with pytest.raises(ValueError, match="max_tie=1048576 and 2048 entries"):
+    selection.argsort(jnp.zeros((1, 2048)), jnp.zeros((1, 2048), jnp.int32), max_tie=1 << 20)
 
 
 @pytest.mark.parametrize("run_length", [2, 3, 40])

@@ -505,12 +505,10 @@ def _search(words, z, tie_order, user_words, user_z, distances, exclude, *, mesh
   """
   extra_args = () if exclude is None else (exclude[None],)
   hierarchical = mode == "hierarchical"
+  network_rerank = hierarchical and counting and num_candidates <= _COUNTING_MAX_SLOTS
   # With one item shard a shard's candidates are final: re-ranked in the shard by distance as
   # well as inner product, they spare counting the Hamming list's sorting network.
-  rerank = (
-    hierarchical and counting and mesh.shape[_ITEMS] == 1
-    and num_candidates <= _COUNTING_MAX_SLOTS
-  )
+  rerank = network_rerank and mesh.shape[_ITEMS] == 1
   shard_fn = jax.shard_map(
     functools.partial(
       _search_shard,
@@ -533,7 +531,7 @@ def _search(words, z, tie_order, user_words, user_z, distances, exclude, *, mesh
   if hierarchical and not rerank:
     _, top_pos, inner = _merge_shards(*shard_lists, num_results=num_candidates)  # [C, M]
     # Both prefer lower columns among ties, i.e. the better Hamming rank: a stable re-rank.
-    if counting and num_candidates <= _COUNTING_MAX_SLOTS:
+    if network_rerank:
       top = selection_lib.argsort(-inner)[:, :num_results]  # [C, n]
       top_scores = jnp.take_along_axis(inner, top, axis=1)
     else:

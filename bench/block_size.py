@@ -22,7 +22,8 @@ import jax
 import numpy as np
 import retrieval as retrieval_bench  # bench/retrieval.py, beside this script.
 
-from hashgnn_jax import retrieval
+from hashgnn_jax.retrieval import index as retrieval
+from hashgnn_jax.retrieval import layout
 
 MODES = (("hamming", None), ("hierarchical", 100), ("hierarchical", 500))
 
@@ -57,7 +58,7 @@ def main():
     if args.quick:
       item_z = item_z[:len(item_z) // 16]
     run = {"bits": bits, "items": len(item_z), "ms": {}, "same_ids": {}, "errors": {},
-           "auto_block_size": retrieval.index_layout(len(item_z), jax.local_devices())[1]}
+           "auto_block_size": layout.index_layout(len(item_z), jax.local_devices())[1]}
     reference = {}
     for block_size in map(int, args.blocks.split(",")):
       index = retrieval.ItemIndex(item_z, tie_seed=0, block_size=block_size)

@@ -28,7 +28,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SERVE = """
 import sys
 import numpy as np
-from hashgnn_jax.serving import Retriever
+from hashgnn_jax.serving.retriever import Retriever
 retriever = Retriever.load(sys.argv[1])
 for mode in ("hamming", "hierarchical", "continuous"):
   ids, scores = retriever.search(np.arange(8), k=50, mode=mode, raw_ids=False)

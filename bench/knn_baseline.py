@@ -26,10 +26,10 @@ from ml_collections import config_flags
 import numpy as np
 from scipy import sparse
 
-from hashgnn_jax import data as data_lib
-from hashgnn_jax import evaluate as evaluate_lib
-from hashgnn_jax import metrics as metrics_lib
-from hashgnn_jax import retrieval
+from hashgnn_jax.data import loader
+from hashgnn_jax.evaluation import evaluate as evaluate_lib
+from hashgnn_jax.evaluation import metrics as metrics_lib
+from hashgnn_jax.retrieval import codes as codes_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration (its data and eval parts).")
@@ -72,7 +72,7 @@ def main(argv):
   del argv
   config = FLAGS.config
   start = time.perf_counter()
-  dataset = data_lib.load_dataset(config.data)
+  dataset = loader.load_dataset(config.data)
   num_users, num_items = dataset.num_users, dataset.num_items
   train = sparse.csr_matrix(
       (np.ones(dataset.num_train, np.float32), (dataset.train_users, dataset.train_items)),
@@ -93,7 +93,7 @@ def main(argv):
       (np.ones(known_users.size, bool), (known_users, known_items)), shape=(num_users, num_items))
   users = evaluate_lib.sample_users(split_users, config.eval.max_users, config.eval.sample_seed)
   num_held_out = np.bincount(split_users, minlength=num_users)[users]
-  tie_order = jnp.asarray(retrieval.tie_break_order(num_items, config.eval.tie_seed))
+  tie_order = jnp.asarray(codes_lib.tie_break_order(num_items, config.eval.tie_seed))
   no_exclusion = jnp.zeros((1, num_items), bool)
 
   cutoffs = tuple(config.eval.cutoffs)

@@ -34,7 +34,8 @@ import time
 import jax
 import numpy as np
 
-from hashgnn_jax import retrieval
+from hashgnn_jax.retrieval import codes as codes_lib
+from hashgnn_jax.retrieval import index as retrieval
 
 SHAPES = {  # Paper Table 1: users, items.
     "movielens": (6_040, 3_952),
@@ -290,7 +291,7 @@ def main():
               reference[method] = loaded
         timed = users_timed(shape, args, baseline=True)
         user_z, item_z = make_codes(shape, bits, timed)
-        tie_order = retrieval.tie_break_order(num_items, TIE_SEED)
+        tie_order = codes_lib.tie_break_order(num_items, TIE_SEED)
         item_z = item_z[tie_order]
         baselines = []
         if faiss is not None:

@@ -77,7 +77,7 @@ def benchmark_config(batch_size: int, sampler_mode: str, embedding_update: str):
 def load_pairs(shape: str, scale: float, cache: str):
   """(users, items, num_users, num_items) of a generated graph of `shape`'s size, cached."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from hashgnn_jax import synthetic  # pylint: disable=g-import-not-at-top
+  from hashgnn_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   num_users, num_items, num_pairs = SHAPES[shape]
   num_users, num_items = max(int(num_users * scale), 50), max(int(num_items * scale), 50)
   num_pairs = max(int(num_pairs * scale), 1_000)
@@ -106,10 +106,13 @@ def worker(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from hashgnn_jax import graph as graph_lib  # pylint: disable=g-import-not-at-top
-  from hashgnn_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  from hashgnn_jax import sampler  # pylint: disable=g-import-not-at-top
-  from hashgnn_jax import train  # pylint: disable=g-import-not-at-top
+  from hashgnn_jax.data import graph as graph_lib  # pylint: disable=g-import-not-at-top
+  from hashgnn_jax.model import network as model_lib  # pylint: disable=g-import-not-at-top
+  from hashgnn_jax.train import sampler  # pylint: disable=g-import-not-at-top
+  from hashgnn_jax.train import optim  # pylint: disable=g-import-not-at-top
+  from hashgnn_jax.train import schedules  # pylint: disable=g-import-not-at-top
+  from hashgnn_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from hashgnn_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
   mode, update = args.variant.split("/")
   config = benchmark_config(args.batch, mode, update)
@@ -119,19 +122,19 @@ def worker(args) -> dict:
   devices = jax.local_devices()[:args.num_devices]
   if len(devices) < args.num_devices:
     raise ValueError(f"--devices={args.num_devices} but only {len(devices)} local devices.")
-  local = train.local_batch_size(config, devices)
+  local = step_lib.local_batch_size(config, devices)
   model = model_lib.create_model(config.model, num_users, num_items)
-  per_epoch = train.steps_per_epoch(graph.num_edges, args.batch)
-  tx = train.create_optimizer(config.train, train.total_steps(config.train, per_epoch))
-  replicated, shard_ids = train.device_layout(devices)
+  per_epoch = schedules.steps_per_epoch(graph.num_edges, args.batch)
+  tx = optim.create_optimizer(config.train, schedules.total_steps(config.train, per_epoch))
+  replicated, shard_ids = step_lib.device_layout(devices)
   state = jax.device_put(
-      train.create_train_state(model, tx, jax.random.PRNGKey(0), update), replicated)
+      state_lib.create_train_state(model, tx, jax.random.PRNGKey(0), update), replicated)
   device_graph = graph_lib.to_device(graph, replicated)
   order = jax.device_put(sampler.epoch_order(jax.random.PRNGKey(1), 0, graph.num_edges),
                          replicated)
   rng = jax.random.PRNGKey(2)
-  set_sizes = train.fit_set_sizes(config, device_graph, devices)
-  step_fn = train.make_stepper(model, tx, config, per_epoch, devices, set_sizes)
+  set_sizes = step_lib.fit_set_sizes(config, device_graph, devices)
+  step_fn = step_lib.make_stepper(model, tx, config, per_epoch, devices, set_sizes)
 
   def sample_only(step, marks):
     # The same draw the first device makes at `step`, jitted alone (devices sample concurrently).

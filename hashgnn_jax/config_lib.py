@@ -10,8 +10,7 @@ import re
 
 import ml_collections
 
-from hashgnn_jax import data
-from hashgnn_jax import readers
+from hashgnn_jax.data import formats
 
 VARIANTS = ("paper", "authors_code")
 AGGREGATORS = ("gcn", "sage")
@@ -21,12 +20,12 @@ LOGIT_SCALES = ("none", "inv_sqrt_bits", "inv_bits")
 RANK_LOSSES = ("hinge", "bpr")
 EVAL_MODES = ("hamming", "hierarchical", "continuous")
 PROTOCOLS = ("standard", "paper")
-SPLITS = ("random", "published", "temporal")
 SAMPLER_MODES = ("node", "tree")
 TRIM_SETS = ("auto", "always", "never")
 EMBEDDING_UPDATES = ("rowwise", "dense")
 LR_SCHEDULES = ("constant", "cosine")
-TIMESTAMP_UNITS = tuple(readers.TIMESTAMP_UNIT_DIGITS)
+TIMESTAMP_UNITS = tuple(formats.TIMESTAMP_UNIT_DIGITS)
+RATED_KINDS = ("movielens", "csv")  # csv only with config.data.columns.rating set.
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 _END_TIME_FORMS = (
   "an ISO 8601 date or date-time, read as UTC unless it carries an offset ('2017-12-04', "
@@ -59,7 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.data.min_user_interactions = 0  # Users with fewer are dropped (Alibaba: 10).
   config.data.min_item_interactions = 0
   config.data.k_core = False  # Repeat both filters until stable.
-  config.data.behaviors = ("pv", "buy", "cart", "fav")  # UserBehavior.csv types to keep.
+  config.data.behaviors = formats.USER_BEHAVIOR_TYPES  # UserBehavior.csv types to keep.
   config.data.cache_dir = ""  # Prepared caches; "" means a folder beside the source.
   # Generic CSV / TSV / Parquet column mapping (names, or 0-based indices as strings).
   config.data.columns = ml_collections.ConfigDict()
@@ -257,22 +256,51 @@ def check_min_rating(value) -> float:
   return value
 
 
+def with_data_defaults(data_config) -> ml_collections.ConfigDict:
+  """`data_config` (a `config.data` section, possibly partial) over the schema's defaults.
+
+  Raises KeyError naming a key the schema does not have.
+  """
+  full = default_config().data
+  full.lock()
+  full.update(data_config)
+  return full
+
+
+def validate_data(data: ml_collections.ConfigDict) -> None:
+  """Fails fast, naming the key, on a bad `config.data`: the one check of that section."""
+  _check_choice(data.kind, formats.KINDS, "data.kind")
+  for key in ("test_fraction", "valid_fraction"):
+    if not 0.0 <= data[key] < 1.0:
+      raise ValueError(f"config.data.{key}={data[key]} must be in [0, 1).")
+  _check_choice(data.split, formats.SPLITS, "data.split")
+  if data.split == "temporal":
+    _check_positive(data.train_days, "data.train_days")
+    _check_positive(data.test_days, "data.test_days")
+  end_time_seconds(data.end_time, data.split)
+  for key in ("min_user_interactions", "min_item_interactions"):
+    if data[key] < 0:
+      raise ValueError(f"config.data.{key}={data[key]} must be >= 0.")
+  if math.isfinite(check_min_rating(data.min_rating)):
+    if data.kind == "synthetic":
+      raise ValueError(
+          f"config.data.min_rating={data.min_rating} filters by rating, and "
+          "config.data.kind='synthetic' has no ratings; leave it at -inf.")
+    if data.kind not in RATED_KINDS or (data.kind == "csv" and not data.columns.rating):
+      raise ValueError(
+          f"config.data.min_rating={data.min_rating} filters by rating, and {data.kind} data has "
+          + ("none: set config.data.columns.rating" if data.kind == "csv" else
+             "none; leave it at -inf"))
+  _check_choice(data.timestamp_unit, TIMESTAMP_UNITS, "data.timestamp_unit")
+  if data.timestamp_unit != "s" and data.kind != "csv":
+    raise ValueError(
+        f"config.data.timestamp_unit={data.timestamp_unit!r} is for the integer timestamps of "
+        f"kind 'csv'; {data.kind} data has its own fixed format, so leave it at 's'")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails fast, naming the key, on values the schema's types cannot rule out."""
-  _check_choice(config.data.kind, data.VALID_KINDS, "data.kind")
-  for key in ("test_fraction", "valid_fraction"):
-    if not 0.0 <= config.data[key] < 1.0:
-      raise ValueError(f"config.data.{key}={config.data[key]} must be in [0, 1).")
-  _check_choice(config.data.split, SPLITS, "data.split")
-  if config.data.split == "temporal":
-    _check_positive(config.data.train_days, "data.train_days")
-    _check_positive(config.data.test_days, "data.test_days")
-  end_time_seconds(config.data.end_time, config.data.split)
-  if math.isfinite(check_min_rating(config.data.min_rating)) and config.data.kind == "synthetic":
-    raise ValueError(
-        f"config.data.min_rating={config.data.min_rating} filters by rating, and "
-        "config.data.kind='synthetic' has no ratings; leave it at -inf.")
-  _check_choice(config.data.timestamp_unit, TIMESTAMP_UNITS, "data.timestamp_unit")
+  validate_data(config.data)
   _check_choice(config.sampler.trim_sets, TRIM_SETS, "sampler.trim_sets")
   _check_choice(config.model.aggregator, AGGREGATORS, "model.aggregator")
   _check_choice(config.model.init, ("normal", "glorot"), "model.init")

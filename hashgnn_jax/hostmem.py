@@ -6,10 +6,15 @@ most), and any block too big for a thread's secondary arena, to fresh `mmap`s an
 on free, so every call faults in and zeroes its buffers again: 30k page faults per Gowalla/4096
 train step, ~20% of the step on the 2-core CPU (BUILD_NOTES, "Reusing freed host memory").
 The cost is that up to ~`max_block_bytes` of freed memory stays in the process (its RSS) for the
-next call instead of going back to the kernel.
+next call instead of going back to the kernel. It was measured only for XLA:CPU, so `main.py`
+applies it only where `jax_runs_on_cpu_only()`; on a GPU or TPU host the step's temporaries live
+in device memory and the setting would only change the host process's malloc unmeasured.
 """
 
 import ctypes
+import importlib.metadata
+import importlib.util
+import pkgutil
 import sys
 
 from absl import logging
@@ -24,6 +29,26 @@ _M_ARENA_MAX = -8
 # 2.5 GB: keeping those too (no mmaps, no trimming) took the step's peak RSS from 7.1 to 13.8 GiB,
 # with no step time gain measured against the noise there.
 DEFAULT_MAX_BLOCK_BYTES = 2**30
+
+
+def jax_runs_on_cpu_only() -> bool:
+  """Whether JAX will pick the CPU backend alone, decided without starting any backend.
+
+  Starting one would start its threads, and a thread keeps the malloc arena it first used, so
+  `reuse_freed_memory` must come before. `jax_platforms` (flag or JAX_PLATFORMS) decides when
+  set; otherwise JAX takes any installed accelerator plugin (CUDA, ROCm, TPU).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  platforms = jax.config.jax_platforms
+  if platforms:
+    return all(name.strip() == "cpu" for name in platforms.split(","))
+  if importlib.metadata.entry_points(group="jax_plugins"):
+    return False
+  if importlib.util.find_spec("libtpu") is not None:
+    return False
+  namespace = importlib.util.find_spec("jax_plugins")
+  return namespace is None or not any(pkgutil.iter_modules(namespace.submodule_search_locations))
 
 
 def reuse_freed_memory(max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES) -> bool:

@@ -1,6 +1,7 @@
 """Command-line entry point: `python -m hashgnn_jax.main --config=configs/default.py --workdir=DIR`.
 
-Kept short so that the logic lives in importable, tested modules (train.py).
+Kept short so that the logic lives in importable, tested modules: `train.loop` (train, then
+evaluate), `experiment` (eval-mode restore) and `serving.export`.
 """
 
 import logging as pylogging
@@ -11,10 +12,11 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from hashgnn_jax import export
+from hashgnn_jax.evaluation import reporting
+from hashgnn_jax import experiment as experiment_lib
 from hashgnn_jax import hostmem
-from hashgnn_jax import reporting
-from hashgnn_jax import train
+from hashgnn_jax.serving import export
+from hashgnn_jax.train import loop as train_loop
 
 FLAGS = flags.FLAGS
 
@@ -29,10 +31,11 @@ flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"],
                   "With --mode=eval or export: the latest checkpoint (or --step), or the best by "
                   "validation.")
 flags.DEFINE_bool("reuse_host_memory", True,
-                  "Set glibc's malloc to keep freed blocks for reuse, so XLA:CPU does not fault "
-                  "in fresh buffers on every step (hashgnn_jax/hostmem.py); up to "
+                  "Where JAX runs on the CPU alone: set glibc's malloc to keep freed blocks for "
+                  "reuse, so XLA:CPU does not fault in fresh buffers on every step "
+                  "(hashgnn_jax/hostmem.py); up to "
                   f"{hostmem.DEFAULT_MAX_BLOCK_BYTES / 2**30:g} GiB of freed memory then stays "
-                  "in the process.")
+                  "in the process. Not applied with an accelerator, where it is unmeasured.")
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -48,7 +51,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_DropOrbaxInfo())
-  if FLAGS.reuse_host_memory:
+  if FLAGS.reuse_host_memory and hostmem.jax_runs_on_cpu_only():
     # Before JAX's first call starts its threads: a thread keeps the malloc arena it first used.
     hostmem.reuse_freed_memory()
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
@@ -60,9 +63,10 @@ def main(argv):
       print(f"Export written to {path}")
     return
   if FLAGS.mode == "train":
-    record = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    record = train_loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   else:
-    record = train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step, FLAGS.checkpoint)
+    record = experiment_lib.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step,
+                                                FLAGS.checkpoint)
   if jax.process_index() == 0:
     print(reporting.format_table(record))
 

@@ -4,7 +4,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from hashgnn_jax import data, synthetic
+from hashgnn_jax.data import dataset as data
+from hashgnn_jax.data import loader
+from hashgnn_jax.data import synthetic
 
 
 def _random_pairs(*, num_users, num_items, max_per_user, seed):
@@ -114,7 +116,7 @@ def _pair_keys(users, items, num_items):
 
 
 def test_load_synthetic_end_to_end():
-  dataset = data.load_dataset(_synthetic_config())
+  dataset = loader.load_dataset(_synthetic_config())
   assert dataset.name == "synthetic"
   assert (dataset.num_users, dataset.num_items) == (120, 80)
   for users, items in (
@@ -148,8 +150,8 @@ def test_load_synthetic_end_to_end():
 
 
 def test_synthetic_validation_comes_from_train_only():
-  plain = data.load_dataset(_synthetic_config())
-  dataset = data.load_dataset(_synthetic_config(valid_fraction=0.25))
+  plain = loader.load_dataset(_synthetic_config())
+  dataset = loader.load_dataset(_synthetic_config(valid_fraction=0.25))
   # The validation split has its own seed, so the test split is the same with or without it.
   np.testing.assert_array_equal(dataset.test_users, plain.test_users)
   np.testing.assert_array_equal(dataset.test_items, plain.test_items)
@@ -198,7 +200,7 @@ def test_load_synthetic_splits_exactly_the_generated_graph(monkeypatch):
     return pairs
 
   monkeypatch.setattr(synthetic, "generate_interactions", recording_generator)
-  dataset = data.load_dataset(_synthetic_config())
+  dataset = loader.load_dataset(_synthetic_config())
   ((users, items),) = generated
   union = np.concatenate(
     [
@@ -210,9 +212,9 @@ def test_load_synthetic_splits_exactly_the_generated_graph(monkeypatch):
 
 
 def test_load_synthetic_is_seeded():
-  first = data.load_dataset(_synthetic_config())
-  second = data.load_dataset(_synthetic_config())
-  other = data.load_dataset(_synthetic_config(seed=1))
+  first = loader.load_dataset(_synthetic_config())
+  second = loader.load_dataset(_synthetic_config())
+  other = loader.load_dataset(_synthetic_config(seed=1))
   for field in ("train_users", "train_items", "test_users", "test_items"):
     np.testing.assert_array_equal(getattr(first, field), getattr(second, field))
   assert first.num_test != other.num_test or np.any(first.test_items != other.test_items)
@@ -260,7 +262,7 @@ def test_dataset_rejects_out_of_range_ids():
 )
 def test_file_kinds_without_path_explain_the_key(kind):
   with pytest.raises(FileNotFoundError) as info:
-    data.load_dataset(ml_collections.ConfigDict({"kind": kind, "path": ""}))
+    loader.load_dataset(ml_collections.ConfigDict({"kind": kind, "path": ""}))
   assert "config.data.path" in str(info.value)
   assert kind in str(info.value)
 
@@ -268,7 +270,7 @@ def test_file_kinds_without_path_explain_the_key(kind):
 def test_missing_file_names_the_path(tmp_path):
   missing = str(tmp_path / "UserBehavior.csv")
   with pytest.raises(FileNotFoundError) as info:
-    data.load_dataset(ml_collections.ConfigDict({"kind": "alibaba", "path": missing}))
+    loader.load_dataset(ml_collections.ConfigDict({"kind": "alibaba", "path": missing}))
   message = str(info.value)
   assert "config.data.path" in message and "alibaba" in message and missing in message
 
@@ -277,12 +279,12 @@ def test_file_kind_loads_with_partial_config(tmp_path):
   # Settings missing from a hand-made config take the schema defaults.
   path = tmp_path / "ratings.dat"
   path.write_text("".join(f"{u}::{i}::5::0\n" for u in range(3) for i in range(10)))
-  dataset = data.load_dataset(ml_collections.ConfigDict({"kind": "movielens", "path": str(path)}))
+  dataset = loader.load_dataset(ml_collections.ConfigDict({"kind": "movielens", "path": str(path)}))
   assert (dataset.num_users, dataset.num_items, dataset.num_test) == (3, 10, 9)
   np.testing.assert_array_equal(dataset.user_ids, [0, 1, 2])
 
 
 def test_unknown_kind_lists_valid_kinds():
   with pytest.raises(ValueError, match="synthetic") as info:
-    data.load_dataset(ml_collections.ConfigDict({"kind": "netflix", "path": ""}))
+    loader.load_dataset(ml_collections.ConfigDict({"kind": "netflix", "path": ""}))
   assert "netflix" in str(info.value) and "alibaba" in str(info.value)

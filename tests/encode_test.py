@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from hashgnn_jax import config_lib
-from hashgnn_jax import encode
-from hashgnn_jax import graph as graph_lib
-from hashgnn_jax import model as model_lib
+from hashgnn_jax.data import graph as graph_lib
+from hashgnn_jax.model import encode
+from hashgnn_jax.model import network as model_lib
 
 
 def _numpy_encode(params, graph, kind):

@@ -1,11 +1,11 @@
-"""Tests for hashgnn_jax.evaluate: chunking and user sampling leave the metrics' meaning intact."""
+"""Tests for hashgnn_jax.evaluation.evaluate: chunking and user sampling leave the metrics' meaning intact."""
 
 import numpy as np
 import pytest
 
 from hashgnn_jax import config_lib
-from hashgnn_jax import evaluate
-from hashgnn_jax import graph as graph_lib
+from hashgnn_jax.data import graph as graph_lib
+from hashgnn_jax.evaluation import evaluate
 
 _NUM_USERS, _NUM_ITEMS = 40, 57
 
@@ -76,3 +76,21 @@ def test_sample_users_is_seeded_sorted_and_distinct():
   assert len(sample) == 50 and np.all(np.diff(sample) > 0) and np.all(np.isin(sample, users))
   np.testing.assert_array_equal(sample, evaluate.sample_users(users, 50, seed=1))
   assert not np.array_equal(sample, evaluate.sample_users(users, 50, seed=2))
+
+
+def test_progress_is_logged_with_an_eta(monkeypatch, caplog):
+  codes, graph, users, items = _problem()
+  monkeypatch.setattr(evaluate, "PROGRESS_SECONDS", 0.0)
+  with caplog.at_level("INFO"):
+    evaluate.evaluate_codes(codes, graph, users, items, _eval_config(user_chunk=10))
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Evaluation:")]
+  num_users = len(np.unique(users))
+  chunks = -(-num_users // 10)
+  # Every chunk but the last (whose line would say nothing the result does not).
+  assert [line.split()[1] for line in lines] == [f"{i}/{chunks}" for i in range(1, chunks)]
+  assert all(f"({num_users} users)" in line and "s left." in line for line in lines)
+  caplog.clear()
+  with caplog.at_level("INFO"):  # The default interval: a sub-second evaluation logs nothing.
+    monkeypatch.setattr(evaluate, "PROGRESS_SECONDS", 30.0)
+    evaluate.evaluate_codes(codes, graph, users, items, _eval_config(user_chunk=10))
+  assert not [r for r in caplog.records if r.getMessage().startswith("Evaluation:")]

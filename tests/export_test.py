@@ -13,16 +13,18 @@ import numpy as np
 import pytest
 
 from hashgnn_jax import config_lib
-from hashgnn_jax import data as data_lib
-from hashgnn_jax import encode
-from hashgnn_jax import export
+from hashgnn_jax.data import graph as graph_lib
+from hashgnn_jax.data import loader
+from hashgnn_jax.evaluation import metrics as metrics_lib
+from hashgnn_jax import experiment as experiment_lib
 from hashgnn_jax import fileio
-from hashgnn_jax import graph as graph_lib
-from hashgnn_jax import metrics as metrics_lib
-from hashgnn_jax import model as model_lib
-from hashgnn_jax import retrieval
-from hashgnn_jax import serving
-from hashgnn_jax import train
+from hashgnn_jax.model import encode
+from hashgnn_jax.model import network as model_lib
+from hashgnn_jax.retrieval import codes as codes_lib
+from hashgnn_jax.retrieval import index as retrieval
+from hashgnn_jax.serving import export
+from hashgnn_jax.serving import format as format_lib
+from hashgnn_jax.serving import retriever as serving
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -70,7 +72,7 @@ def test_layout_and_manifest(tiny):
   assert sorted(os.listdir(tiny.root)) == ["latest.json", "step_3"]
   assert json.loads((tiny.root / "latest.json").read_text())["directory"] == "step_3"
   manifest = json.loads((tiny.root / "step_3" / "manifest.json").read_text())
-  assert manifest["format_version"] == serving.FORMAT_VERSION
+  assert manifest["format_version"] == format_lib.FORMAT_VERSION
   assert (manifest["num_users"], manifest["num_items"], manifest["bits"], manifest["words"]) == (
     NUM_USERS, NUM_ITEMS, BITS, 2)
   assert (manifest["tie_seed"], manifest["step"], manifest["checkpoint"]) == (TIE_SEED, 3, "latest")
@@ -79,7 +81,7 @@ def test_layout_and_manifest(tiny):
     [f"{name}.npy" for name in manifest["arrays"]] + ["manifest.json"])
   load = lambda name: np.load(os.path.join(tiny.path, f"{name}.npy"))
   np.testing.assert_array_equal(load("item_z"), tiny.node_z[NUM_USERS:])
-  np.testing.assert_array_equal(load("user_codes"), retrieval.pack_bits(tiny.node_z[:NUM_USERS]))
+  np.testing.assert_array_equal(load("user_codes"), codes_lib.pack_bits(tiny.node_z[:NUM_USERS]))
   np.testing.assert_array_equal(load("user_ids"), tiny.user_ids)
   indptr, items = load("known_indptr"), load("known_items")
   for user in range(NUM_USERS):
@@ -155,7 +157,7 @@ def test_code_queries(tiny):
     by_code = retriever.search(codes=z, k=8, mode=mode, raw_ids=False)
     np.testing.assert_array_equal(by_code[0], by_user[0])
     np.testing.assert_array_equal(by_code[1], by_user[1])
-  packed = np.asarray(retrieval.pack_bits(z))
+  packed = np.asarray(codes_lib.pack_bits(z))
   by_words = retriever.search(codes=packed, k=8, raw_ids=False)
   np.testing.assert_array_equal(by_words[0], retriever.search(rows, k=8, raw_ids=False)[0])
   with pytest.raises(ValueError, match="Packed codes carry no continuous part"):
@@ -202,24 +204,24 @@ _CORRUPTIONS = {
                     r"item_z\.npy is missing; the export needs item_z as float32 \(30, 40\)"),
   "deleted_manifest": (lambda d: (d / "manifest.json").unlink(), FileNotFoundError,
                        r"manifest\.json is missing"),
-  "flipped_byte": (lambda d: _flip_last_byte(d / "user_z.npy"), serving.InvalidExportError,
+  "flipped_byte": (lambda d: _flip_last_byte(d / "user_z.npy"), format_lib.InvalidExportError,
                    r"user_z\.npy: SHA-256 differs from the manifest's"),
-  "truncated": (lambda d: _truncate(d / "item_codes.npy"), serving.InvalidExportError,
+  "truncated": (lambda d: _truncate(d / "item_codes.npy"), format_lib.InvalidExportError,
                 r"item_codes\.npy: \d+ bytes, the manifest expects \d+ \(truncated\)"),
   "bad_json": (lambda d: (d / "manifest.json").write_text("{not json"),
-               serving.InvalidExportError, r"manifest\.json: unreadable manifest"),
+               format_lib.InvalidExportError, r"manifest\.json: unreadable manifest"),
   "wrong_version": (lambda d: _edit_manifest(d, lambda m: m.update(format_version=99)),
-                    serving.InvalidExportError,
+                    format_lib.InvalidExportError,
                     r"manifest\.json: format_version 99; this code reads version 1"),
   "wrong_shape": (lambda d: _replace_array(d, "user_z", np.zeros((NUM_USERS, BITS + 1),
                                                                   np.float32)),
-                  serving.InvalidExportError,
+                  format_lib.InvalidExportError,
                   r"user_z\.npy: holds float32 \(40, 41\), expected float32 \(40, 40\)"),
   "wrong_dtype": (lambda d: _replace_array(d, "item_codes", np.zeros((NUM_ITEMS, 2), np.int32)),
-                  serving.InvalidExportError,
+                  format_lib.InvalidExportError,
                   r"item_codes\.npy: holds int32 \(30, 2\), expected uint32 \(30, 2\)"),
   "bad_known_items": (lambda d: _replace_array(d, "known_items", np.full(
-    np.load(d / "known_items.npy").shape, NUM_ITEMS, np.int32)), serving.InvalidExportError,
+    np.load(d / "known_items.npy").shape, NUM_ITEMS, np.int32)), format_lib.InvalidExportError,
                       r"known_items\.npy: item ids must lie in \[0, 30\)"),
 }
 
@@ -290,6 +292,54 @@ def test_faiss_backend_matches_distances(tiny):
   np.testing.assert_allclose(f_scores, scores, rtol=1e-5, atol=1e-5)
 
 
+def test_faiss_backend_fills_the_tail_like_jax(tiny):
+  pytest.importorskip("faiss", exc_type=ImportError)
+  rows = np.arange(NUM_USERS)
+  # Every item asked for: after exclusion the tail is -1 / -inf in both backends.
+  ids, scores = serving.Retriever.load(tiny.path).search(
+    rows, k=NUM_ITEMS, raw_ids=False, exclude_known=True)
+  f_ids, f_scores = serving.Retriever.load(tiny.path, backend="faiss").search(
+    rows, k=NUM_ITEMS, raw_ids=False, exclude_known=True)
+  np.testing.assert_array_equal(f_scores, scores)
+  np.testing.assert_array_equal(f_ids < 0, ids < 0)
+  for row in rows:
+    assert set(f_ids[row][f_ids[row] >= 0]) == set(range(NUM_ITEMS)) - set(
+      tiny.graph.user_items(row).tolist())
+
+
+def _serve(*args):
+  return subprocess.run([sys.executable, "-m", "hashgnn_jax.serving", *args], cwd=ROOT,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                        text=True, timeout=300, check=False)
+
+
+def test_serving_command_prints_the_retrievers_results(tiny):
+  users = [str(tiny.user_ids[row]) for row in (5, 0, 17)]
+  result = _serve(f"--export={tiny.root}", f"--users={','.join(users)}", "--mode=hierarchical",
+                  "--num=5")
+  assert result.returncode == 0, result.stderr
+  report = json.loads(result.stdout)
+  assert (report["export"], report["step"], report["mode"], report["num"]) == (
+    tiny.path, 3, "hierarchical", 5)
+  ids, scores = serving.Retriever.load(str(tiny.root)).search(
+    users, k=5, mode="hierarchical", exclude_known=True)
+  assert [entry["user"] for entry in report["results"]] == users
+  for entry, want_ids, want_scores in zip(report["results"], ids, scores):
+    assert entry["items"] == want_ids.tolist()
+    assert entry["scores"] == want_scores.tolist()
+
+
+def test_serving_command_help_and_errors(tiny):
+  result = _serve("--help")  # absl prints the help and exits with status 1.
+  for flag in ("--export:", "--users:", "--mode:", "--num:", "--[no]exclude_known:"):
+    assert flag in result.stdout
+  result = _serve(f"--export={tiny.root}", "--users=u000,nobody")
+  assert result.returncode == 1
+  assert "Unknown user ids: ['nobody']" in result.stderr
+  result = _serve(f"--export={tiny.root / 'missing'}", "--users=u000")
+  assert result.returncode == 1 and "manifest.json is missing" in result.stderr
+
+
 def test_faiss_backend_without_faiss_says_how_to_install(tiny, monkeypatch):
   monkeypatch.setitem(sys.modules, "faiss", None)  # Makes `import faiss` fail.
   with pytest.raises(ImportError, match="pip install faiss-cpu"):
@@ -306,11 +356,11 @@ def test_cli_export_reproduces_evaluation(tmp_path):
   config.data.valid_fraction = 0.1  # Known items are then training plus validation pairs.
   config.eval.modes = ("hamming", "hierarchical")  # Continuous: see test_search_equals_item_index.
   workdir = tmp_path / "run"
-  exp = train.Experiment(config)
+  exp = experiment_lib.Experiment(config)
   best = exp.best_checkpointer(str(workdir))
   best.save(0, exp.initial_state(), config.to_dict(), force=True, score=0.0)
   best.close()
-  record = train.evaluate_checkpoint(config, str(workdir), which="best")
+  record = experiment_lib.evaluate_checkpoint(config, str(workdir), which="best")
   result = subprocess.run(
     [sys.executable, "-m", "hashgnn_jax.main", "--config=configs/test.py", f"--workdir={workdir}",
      "--mode=export", "--checkpoint=best", "--config.data.valid_fraction=0.1"],
@@ -321,7 +371,7 @@ def test_cli_export_reproduces_evaluation(tmp_path):
   retriever = serving.Retriever.load(str(workdir / "export"))
   assert (retriever.step, retriever.manifest["checkpoint"]) == (0, "best")
 
-  dataset = data_lib.load_dataset(config.data)
+  dataset = loader.load_dataset(config.data)
   eval_users = np.unique(dataset.test_users)
   num_held_out = np.bincount(dataset.test_users, minlength=dataset.num_users)[eval_users]
   cutoffs = tuple(config.eval.cutoffs)

@@ -78,3 +78,29 @@ def test_each_cycle_faults_its_block_in_without_it_or_above_the_bound(max_block_
 def test_rejects_a_bound_mallopt_cannot_take():
   with pytest.raises(ValueError, match="max_block_bytes"):
     hostmem.reuse_freed_memory(2**31)
+
+
+@pytest.mark.parametrize("platforms, expected", [
+  ("cpu", True), ("cuda", False), ("cpu,cuda", False), ("tpu", False)])
+def test_cpu_only_follows_jax_platforms(monkeypatch, platforms, expected):
+  import jax  # pylint: disable=g-import-not-at-top
+  previous = jax.config.jax_platforms
+  try:
+    jax.config.update("jax_platforms", platforms)
+    assert hostmem.jax_runs_on_cpu_only() is expected
+  finally:
+    jax.config.update("jax_platforms", previous)
+
+
+def test_cpu_only_is_false_with_an_accelerator_plugin_installed(monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(hostmem.importlib.metadata, "entry_points",
+                      lambda group: ["jax_cuda12_plugin"] if group == "jax_plugins" else [])
+  previous = jax.config.jax_platforms
+  try:
+    jax.config.update("jax_platforms", None)  # Unset: JAX would take the plugin.
+    assert hostmem.jax_runs_on_cpu_only() is False
+    jax.config.update("jax_platforms", "cpu")  # Set: it decides.
+    assert hostmem.jax_runs_on_cpu_only() is True
+  finally:
+    jax.config.update("jax_platforms", previous)

@@ -5,7 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from hashgnn_jax import losses
+from hashgnn_jax.model import losses
 
 
 def _sigmoid(x):

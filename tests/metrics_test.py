@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from hashgnn_jax import metrics
+from hashgnn_jax.evaluation import metrics
 
 _NUM_ITEMS = 10
 # User 0 has test items {5, 7}; user 1 has {0, 3, 4, 6, 8} (more than the ranking width of 4).

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from hashgnn_jax import config_lib
-from hashgnn_jax import graph as graph_lib
-from hashgnn_jax import model as model_lib
-from hashgnn_jax import sampler
+from hashgnn_jax.data import graph as graph_lib
+from hashgnn_jax.model import network as model_lib
+from hashgnn_jax.train import sampler
 
 
 def test_ste_sign_forward_is_sign_with_zero_positive():

@@ -8,8 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from hashgnn_jax import graph as graph_lib
-from hashgnn_jax import optim
+from hashgnn_jax.data import graph as graph_lib
+from hashgnn_jax.train import optim
 
 LR = 0.05
 

@@ -12,12 +12,13 @@ import sys
 import threading
 import zipfile
 
+import ml_collections
 import numpy as np
 import pytest
 
 from hashgnn_jax import config_lib
-from hashgnn_jax import data
-from hashgnn_jax import prepare
+from hashgnn_jax.data import loader
+from hashgnn_jax.data import prepare
 
 _DAY = 86_400
 _START = 1_511_539_200
@@ -416,7 +417,7 @@ def test_load_dataset_for_every_kind(tmp_path):
   ml.mkdir()
   (ml / "ratings.dat").write_text("".join(f"{u}::{i}::4::97830076{i}\n" for u in (1, 2)
                                           for i in range(5)))
-  dataset = data.load_dataset(_config("movielens", ml))  # A folder is searched.
+  dataset = loader.load_dataset(_config("movielens", ml))  # A folder is searched.
   assert (dataset.num_users, dataset.num_items, dataset.num_test) == (2, 5, 4)
   assert dataset.name == "movielens"
   assert os.path.exists(ml / "hashgnn_cache" / "movielens-ratings.dat.npz")  # Beside the file.
@@ -425,7 +426,7 @@ def test_load_dataset_for_every_kind(tmp_path):
   (tmp_path / "gowalla" / "train.txt").write_text("0 1 2 3\n1 1 2\n")
   (tmp_path / "gowalla" / "test.txt").write_text("0 4\n1 3\n")
   for kind in ("gowalla", "pinterest", "lightgcn"):
-    dataset = data.load_dataset(_config(kind, tmp_path / "gowalla", split="published"))
+    dataset = loader.load_dataset(_config(kind, tmp_path / "gowalla", split="published"))
     assert (dataset.num_train, dataset.num_test) == (5, 2)
 
 
@@ -442,27 +443,27 @@ def test_cache_reuse_and_rebuild(tmp_path, monkeypatch, caplog):
     "csv", path, delimiter="\t", header=False, columns={"user": "0", "item": "1"},
     cache_dir=str(tmp_path / "cache"),
   )
-  first = data.load_dataset(config)
+  first = loader.load_dataset(config)
   assert "no prepared cache" in caplog.text
 
   builds = []
   build = prepare._build
   monkeypatch.setattr(prepare, "_build", lambda *args: builds.append(1) or build(*args))
   caplog.clear()
-  second = data.load_dataset(config)
+  second = loader.load_dataset(config)
   assert not builds and "Reusing the prepared cache" in caplog.text
   for field in ("train_users", "train_items", "test_users", "test_items", "item_ids"):
     np.testing.assert_array_equal(getattr(first, field), getattr(second, field))
 
   caplog.clear()
   config.seed = 1
-  data.load_dataset(config)
+  loader.load_dataset(config)
   assert len(builds) == 1 and "settings changed (seed: 0 -> 1)" in caplog.text
 
   caplog.clear()
   with open(path, "a") as f:
     f.write("1000\t5\n")
-  data.load_dataset(config)
+  loader.load_dataset(config)
   assert len(builds) == 2 and "the source changed: log.tsv" in caplog.text
 
   caplog.clear()
@@ -470,9 +471,9 @@ def test_cache_reuse_and_rebuild(tmp_path, monkeypatch, caplog):
   with open(arrays_path, "r+b") as f:
     f.seek(100)
     f.write(b"garbage")
-  data.load_dataset(config)
+  loader.load_dataset(config)
   assert len(builds) == 3 and "does not match its manifest" in caplog.text
-  data.load_dataset(config)
+  loader.load_dataset(config)
   assert len(builds) == 3
 
 
@@ -596,7 +597,7 @@ def test_download_prepare_command(tmp_path, server):
   url, sha256 = server
   out = tmp_path / "out"
   result = subprocess.run(
-    [sys.executable, "-m", "hashgnn_jax.prepare", "--dataset=movielens",
+    [sys.executable, "-m", "hashgnn_jax.data.prepare", "--dataset=movielens",
      f"--source={url}/ml-tiny.zip", f"--out={out}", f"--sha256={sha256}", "--test_fraction=0.25"],
     capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)),
   )
@@ -639,3 +640,31 @@ def test_unpack_refuses_paths_outside(tmp_path):
   with pytest.raises(ValueError, match="outside"):
     prepare.unpack(str(archive), out_dir=str(tmp_path / "out"))
   assert os.listdir(tmp_path / "out") == []
+
+
+def test_command_line_has_a_flag_for_every_schema_key():
+  result = subprocess.run([sys.executable, "-m", "hashgnn_jax.data.prepare", "--help"],
+                          capture_output=True, text=True, check=False,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+  defaults = config_lib.default_config().data
+  expected = {key for key in defaults if key not in ("kind", "path", "cache_dir", "synthetic",
+                                                     "columns")}
+  expected |= {f"{role}_column" for role in defaults.columns}
+  listed = {line.split(":")[0].strip().lstrip("-").replace("[no]", "")
+            for line in result.stdout.splitlines() if line.startswith("  --")}
+  assert expected <= listed, expected - listed
+  assert "--split: <random|published|temporal>" in result.stdout
+
+
+def test_data_section_is_checked_once_for_every_entry_point(tmp_path):
+  path = _write_user_behavior(tmp_path / "UserBehavior.csv", [(1, 2, "pv", _START)])
+  config = config_lib.default_config()
+  config.data.min_user_interactions = -1
+  for entry in (lambda: config_lib.validate(config),
+                lambda: prepare.prepare_dataset(_config("alibaba", path,
+                                                        min_user_interactions=-1)),
+                lambda: loader.load_dataset(_config("alibaba", path, min_user_interactions=-1))):
+    with pytest.raises(ValueError, match=r"config\.data\.min_user_interactions=-1 must be >= 0"):
+      entry()
+  with pytest.raises(KeyError, match="test_fractoin"):
+    loader.load_dataset(ml_collections.ConfigDict({"kind": "synthetic", "test_fractoin": 0.2}))

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from hashgnn_jax import readers
+from hashgnn_jax.data import readers
 
 
 def _write(path, text: str, *, newline: str = "\n") -> str:

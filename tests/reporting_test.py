@@ -5,8 +5,8 @@ import os
 
 import pytest
 
+from hashgnn_jax.evaluation import reporting
 from hashgnn_jax import fileio
-from hashgnn_jax import reporting
 
 
 def _record(step):

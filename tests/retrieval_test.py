@@ -1,10 +1,15 @@
-"""Tests for hashgnn_jax.retrieval against brute-force NumPy references."""
+"""Tests for hashgnn_jax.retrieval (codes, layout, ItemIndex) against brute-force NumPy
+references."""
 
 import jax
 import numpy as np
 import pytest
 
-from hashgnn_jax import retrieval
+from hashgnn_jax.retrieval import codes as codes_lib
+from hashgnn_jax.retrieval import continuous
+from hashgnn_jax.retrieval import hamming
+from hashgnn_jax.retrieval import index as retrieval
+from hashgnn_jax.retrieval import layout
 
 
 def _grid_codes(rng, shape):
@@ -73,45 +78,46 @@ def test_pack_bits_hand_example():
   codes[0, [0, 3, 31]] = [0.0, 0.7, 1.0]  # z == 0 counts as a set bit
   codes[1, 33] = 0.0
   expected = np.array([[1 + 8 + 2**31, 0], [0, 2]], dtype=np.uint32)
-  np.testing.assert_array_equal(np.asarray(retrieval.pack_bits(codes)), expected)
+  np.testing.assert_array_equal(np.asarray(codes_lib.pack_bits(codes)), expected)
 
 
 @pytest.mark.parametrize("num_bits", [32, 40, 64, 96])
 def test_pack_bits_matches_reference(num_bits):
   codes = _grid_codes(np.random.default_rng(num_bits), (7, num_bits))
-  words = np.asarray(retrieval.pack_bits(codes))
+  words = np.asarray(codes_lib.pack_bits(codes))
   assert words.dtype == np.uint32
   assert words.shape == (7, -(-num_bits // 32))
   np.testing.assert_array_equal(words, _reference_pack(codes))
 
 
 def test_pack_bits_padding_bits_are_zero():
-  words = np.asarray(retrieval.pack_bits(np.ones((3, 40), dtype=np.float32)))
+  words = np.asarray(codes_lib.pack_bits(np.ones((3, 40), dtype=np.float32)))
   np.testing.assert_array_equal(words, np.array([[2**32 - 1, 2**8 - 1]] * 3, dtype=np.uint32))
 
 
 @pytest.mark.parametrize("num_bits", [32, 40, 64, 96])
-def test_hamming_distances_match_reference(num_bits):
+def test_popcount_distance_matches_reference(num_bits):
   rng = np.random.default_rng(num_bits + 1)
   user_z = rng.uniform(-1, 1, (9, num_bits)).astype(np.float32)
   item_z = rng.uniform(-1, 1, (23, num_bits)).astype(np.float32)
-  distances = retrieval.hamming_distances(retrieval.pack_bits(user_z), retrieval.pack_bits(item_z))
+  user_words, item_words = codes_lib.pack_bits(user_z), codes_lib.pack_bits(item_z)
+  distances = codes_lib.popcount_distance(user_words[:, None, :], item_words[None, :, :])
   assert distances.dtype == np.int32
   np.testing.assert_array_equal(np.asarray(distances), _reference_distances(user_z, item_z))
 
 
 def test_tie_break_order_is_seeded_permutation():
-  order = retrieval.tie_break_order(50, seed=3)
+  order = codes_lib.tie_break_order(50, seed=3)
   np.testing.assert_array_equal(np.sort(order), np.arange(50))
-  np.testing.assert_array_equal(order, retrieval.tie_break_order(50, seed=3))
-  assert not np.array_equal(order, retrieval.tie_break_order(50, seed=4))
+  np.testing.assert_array_equal(order, codes_lib.tie_break_order(50, seed=3))
+  assert not np.array_equal(order, codes_lib.tie_break_order(50, seed=4))
 
 
 def test_hamming_ties_follow_tie_order_by_hand():
   # Every item flips exactly one (different) bit of the user code: all four are at distance 1.
   item_z = np.ones((4, 32), dtype=np.float32)
   item_z[np.arange(4), [0, 5, 17, 31]] = -1.0
-  np.testing.assert_array_equal(retrieval.tie_break_order(4, seed=0), [2, 0, 1, 3])
+  np.testing.assert_array_equal(codes_lib.tie_break_order(4, seed=0), [2, 0, 1, 3])
   index = retrieval.ItemIndex(item_z, tie_seed=0)
   ids, scores = index.search(np.ones((1, 32), np.float32), mode="hamming", num_results=4)
   np.testing.assert_array_equal(ids, [[2, 0, 1, 3]])
@@ -138,7 +144,7 @@ def test_search_matches_numpy_reference(num_bits, use_exclude, selection):
       count = rng.integers(0, 41)
       exclude[row, :count] = rng.choice(num_items, size=count, replace=False)
   index = retrieval.ItemIndex(item_z, tie_seed=7, selection=selection)
-  tie_order = retrieval.tie_break_order(num_items, seed=7)
+  tie_order = codes_lib.tie_break_order(num_items, seed=7)
   for mode, num_candidates in [("hamming", None), ("continuous", None), ("hierarchical", 60)]:
     kwargs = {"mode": mode, "num_results": 25, "num_candidates": num_candidates, "exclude": exclude}
     ids, scores = index.search(user_z, **kwargs)
@@ -181,9 +187,9 @@ def _tied_search_inputs(seed, num_items, num_users, num_bits):
 def test_two_level_sharded_search_matches_flat_reference(monkeypatch, num_devices, item_shards,
                                                          block_size, tile_items, users_major):
   # Several tiles per shard exercise the continuous scan's running merge.
-  monkeypatch.setattr(retrieval, "_TILE_ITEMS", tile_items)
+  monkeypatch.setattr(continuous, "TILE_ITEMS", tile_items)
   # Block distances users-major (small shards on CPU) or blocks-major and transposed.
-  monkeypatch.setattr(retrieval, "_USERS_MAJOR_MAX_BYTES", (1 << 30) if users_major else -1)
+  monkeypatch.setattr(hamming, "USERS_MAJOR_MAX_BYTES", (1 << 30) if users_major else -1)
   # 403 items leave a partial block and padding; 6 results keep picks below the block counts.
   num_items, num_users = 403, 9
   item_z, user_z, exclude = _tied_search_inputs(block_size, num_items, num_users, 64)
@@ -194,7 +200,7 @@ def test_two_level_sharded_search_matches_flat_reference(monkeypatch, num_device
     item_shards=item_shards,
     block_size=block_size,
   )
-  tie_order = retrieval.tie_break_order(num_items, seed=3)
+  tie_order = codes_lib.tie_break_order(num_items, seed=3)
   for use_exclude in (False, True):
     for mode, num_candidates in [("hamming", None), ("continuous", None), ("hierarchical", 20)]:
       kwargs = {
@@ -217,7 +223,7 @@ def test_counting_falls_back_to_top_k_with_equal_results(monkeypatch, entries_pe
   # of 4 give 101 block keys; Hamming picks 7 blocks (8 slots, 28 candidates), hierarchical 21
   # (32 slots, 84 candidates). At 1 every selection falls back; at 3 hierarchical counts its
   # candidates only; at 4 Hamming counts its candidates only and hierarchical counts both.
-  monkeypatch.setattr(retrieval, "_COUNTING_ENTRIES_PER_SLOT", entries_per_slot)
+  monkeypatch.setattr(hamming, "_COUNTING_ENTRIES_PER_SLOT", entries_per_slot)
   item_z, user_z, exclude = _tied_search_inputs(entries_per_slot, 403, 9, 64)
   indexes = [
     retrieval.ItemIndex(item_z, tie_seed=3, block_size=4, selection=selection)
@@ -238,27 +244,27 @@ def test_counting_falls_back_to_top_k_with_equal_results(monkeypatch, entries_pe
 
 def test_auto_block_size_is_about_sqrt_items_over_128_capped_per_platform():
   # Alibaba's 4,167,708 items: sqrt(32,560) ~ 180, above both caps.
-  assert retrieval._auto_block_size(4_167_708, "cpu") == 64
-  assert retrieval._auto_block_size(4_167_708, "gpu") == 128
+  assert layout.auto_block_size(4_167_708, "cpu") == 64
+  assert layout.auto_block_size(4_167_708, "gpu") == 128
   # Gowalla's 40,981 items: sqrt(320) ~ 17.9, rounded down to a power of two, below both caps.
-  assert retrieval._auto_block_size(40_981, "cpu") == 16
-  assert retrieval._auto_block_size(40_981, "gpu") == 16
-  assert retrieval._auto_block_size(10, "cpu") == 1
+  assert layout.auto_block_size(40_981, "cpu") == 16
+  assert layout.auto_block_size(40_981, "gpu") == 16
+  assert layout.auto_block_size(10, "cpu") == 1
 
 
 def test_index_layout_is_the_layout_an_index_takes():
   devices = jax.devices()[:2]
   item_z = np.random.default_rng(0).normal(size=(5_000, 32)).astype(np.float32)
   # 5,000 items: sqrt(39) ~ 6.2 -> blocks of 4, one item shard below the sharding threshold.
-  assert retrieval.index_layout(5_000, devices) == (1, 4)
+  assert layout.index_layout(5_000, devices) == (1, 4)
   assert retrieval.ItemIndex(item_z, tie_seed=0, devices=devices).block_size == 4
   # Each shard holds half the items: sqrt(19) ~ 4.4 -> blocks of 4 still; 2 shards asked for.
-  assert retrieval.index_layout(5_000, devices, item_shards=2) == (2, 4)
-  assert retrieval.index_layout(5_000, devices, block_size=8) == (1, 8)
+  assert layout.index_layout(5_000, devices, item_shards=2) == (2, 4)
+  assert layout.index_layout(5_000, devices, block_size=8) == (1, 8)
   # From the sharding threshold on, the items spread over every device.
-  assert retrieval.index_layout(retrieval._ITEM_SHARDING_FROM, devices)[0] == 2
+  assert layout.index_layout(layout.ITEM_SHARDING_FROM, devices)[0] == 2
   with pytest.raises(ValueError, match="block_size=0 must be >= 1"):
-    retrieval.index_layout(5_000, devices, block_size=0)
+    layout.index_layout(5_000, devices, block_size=0)
 
 
 def test_padding_never_displaces_items():
@@ -270,7 +276,7 @@ def test_padding_never_displaces_items():
   item_z[flips] = 0.01  # A few set bits spread the Hamming distances; inner products stay < 0.
   user_z = np.ones((1, 32), np.float32)
   index = retrieval.ItemIndex(item_z, tie_seed=0, devices=jax.devices()[:1], block_size=4)
-  tie_order = retrieval.tie_break_order(403, seed=0)
+  tie_order = codes_lib.tie_break_order(403, seed=0)
   for mode, num_candidates in [("hamming", None), ("continuous", None), ("hierarchical", 8)]:
     kwargs = {"mode": mode, "num_results": 8, "num_candidates": num_candidates, "exclude": None}
     ids, scores = index.search(user_z, **kwargs)
@@ -297,7 +303,7 @@ def test_exclusion_padding_is_ignored_and_fill_is_minus_one():
   rng = np.random.default_rng(1)
   item_z = _grid_codes(rng, (6, 32))
   user_z = _grid_codes(rng, (2, 32))
-  tie_order = retrieval.tie_break_order(6, seed=0)
+  tie_order = codes_lib.tie_break_order(6, seed=0)
   index = retrieval.ItemIndex(item_z, tie_seed=0)
   # Row 0 keeps only item 4; row 1 is all padding, so it must rank exactly as with no exclusion.
   exclude = np.array([[0, 1, 2, 3, 5, -1], [-1, -1, -1, -1, -1, -1]])
@@ -347,47 +353,6 @@ def test_search_validation_errors():
     index.search(user_z, mode="hamming", num_results=3, exclude=np.array([[10], [0]]))
 
 
-def test_rank_by_item_score_by_hand():
-  # Score 7: items 1 and 4, and 4 comes first in tie_order. Score 3: items 2, 0, 3 in that order.
-  scores = np.array([3, 7, 3, 3, 7])
-  tie_order = np.array([4, 2, 0, 1, 3])
-  ids = retrieval.rank_by_item_score(scores, num_results=5, tie_order=tie_order, num_users=2)
-  np.testing.assert_array_equal(ids, [[4, 1, 2, 0, 3]] * 2)
-  exclude = np.array([[4, 2, -1], [-1, -1, -1], [0, 1, 2]])
-  ids = retrieval.rank_by_item_score(scores, num_results=3, tie_order=tie_order, exclude=exclude)
-  np.testing.assert_array_equal(ids, [[1, 0, 3], [4, 1, 2], [4, 3, -1]])
-
-
-def test_rank_by_item_score_validation():
-  with pytest.raises(ValueError, match="exactly one"):
-    retrieval.rank_by_item_score(np.ones(3), num_results=2, tie_order=np.arange(3))
-  with pytest.raises(ValueError, match="exactly one"):
-    retrieval.rank_by_item_score(
-      np.ones(3), num_results=2, tie_order=np.arange(3), num_users=1, exclude=np.zeros((1, 1))
-    )
-  with pytest.raises(ValueError, match="permutation"):
-    retrieval.rank_by_item_score(np.ones(3), num_results=2, tie_order=np.zeros(3), num_users=1)
-
-
-def test_score_ranking_matches_reference_with_ties_and_exclusions():
-  rng = np.random.default_rng(2)
-  scores = rng.integers(0, 4, 50).astype(np.float32)  # Heavy ties.
-  scores[[3, 17]] = -np.inf  # Never ranked.
-  tie_order = retrieval.tie_break_order(50, seed=9)
-  exclude = np.full((6, 45), -1)
-  for row in range(6):
-    count = 45 if row == 0 else rng.integers(0, 20)
-    exclude[row, :count] = rng.choice(50, size=count, replace=False)
-  ranking = retrieval.ScoreRanking(scores, tie_order=tie_order)
-  ids = ranking.top(num_results=8, exclude=exclude)
-  ranked = _reference_rank(scores[None], tie_order)[0]  # [I], best first
-  for row in range(6):
-    kept = [i for i in ranked if i not in set(exclude[row]) and np.isfinite(scores[i])][:8]
-    np.testing.assert_array_equal(ids[row], kept + [-1] * (8 - len(kept)), err_msg=str(row))
-  # The ranking is reusable: no exclusions means the global order for every user.
-  np.testing.assert_array_equal(ranking.top(num_results=8, num_users=2), [ranked[:8]] * 2)
-
-
 def test_item_index_validation_errors():
   item_z = np.ones((10, 32), np.float32)
   with pytest.raises(ValueError, match="item_shards=3 must divide the 4 devices"):
@@ -403,9 +368,9 @@ def test_exclusion_widths_are_powers_of_two():
   positions = np.arange(10)[::-1]  # Item i sits at position 9 - i.
   exclude = np.array([[4, 1, 7, -1, -1, -1, -1], [2, -1, 5, 0, 8, -1, -1]])
   np.testing.assert_array_equal(
-    retrieval._sorted_exclusions(exclude, positions, sentinel=99), [[2, 5, 8, 99], [1, 4, 7, 9]]
+    codes_lib.sorted_exclusions(exclude, positions, sentinel=99), [[2, 5, 8, 99], [1, 4, 7, 9]]
   )
   np.testing.assert_array_equal(  # Three columns widen to four.
-    retrieval._sorted_exclusions(exclude[:1, :3], positions, sentinel=99), [[2, 5, 8, 99]]
+    codes_lib.sorted_exclusions(exclude[:1, :3], positions, sentinel=99), [[2, 5, 8, 99]]
   )
-  assert retrieval._sorted_exclusions(np.full((2, 3), -1), positions, sentinel=99) is None
+  assert codes_lib.sorted_exclusions(np.full((2, 3), -1), positions, sentinel=99) is None

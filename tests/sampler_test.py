@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hashgnn_jax import graph as graph_lib
-from hashgnn_jax import sampler
+from hashgnn_jax.data import graph as graph_lib
+from hashgnn_jax.train import sampler
 
 
 def _random_graph(num_users=40, num_items=25, num_pairs=300, seed=0):
@@ -33,6 +33,19 @@ def test_build_graph_csr():
     graph_lib.build_graph(np.array([0, 0]), np.array([1, 1]), 2, 2)
   with pytest.raises(ValueError, match="item ids"):
     graph_lib.build_graph(np.array([0]), np.array([2]), 2, 2)
+
+
+def test_degrees_are_computed_once_and_read_only(monkeypatch):
+  graph = graph_lib.build_graph(np.array([0, 0, 1]), np.array([1, 0, 1]), 2, 2)
+  calls = []
+  diff = np.diff
+  monkeypatch.setattr(graph_lib.np, "diff", lambda a: calls.append(1) or diff(a))
+  for _ in range(3):
+    np.testing.assert_array_equal(graph.degrees, [2, 1, 1, 2])
+    graph.padded_user_items(np.array([0, 1]))
+  assert len(calls) == 1 and graph.max_user_degree == 2
+  with pytest.raises(ValueError, match="read-only"):
+    graph.degrees[0] = 5
 
 
 def test_layer_sizes_prefixes():

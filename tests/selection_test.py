@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hashgnn_jax import selection
+from hashgnn_jax.retrieval import selection
 
 
 @pytest.mark.parametrize(

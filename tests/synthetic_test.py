@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from hashgnn_jax import config_lib, synthetic
+from hashgnn_jax import config_lib
+from hashgnn_jax.data import synthetic
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import alibaba  # pylint: disable=g-import-not-at-top

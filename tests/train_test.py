@@ -11,12 +11,15 @@ import numpy as np
 import optax
 import pytest
 
-from hashgnn_jax import checkpointing
-from hashgnn_jax import graph as graph_lib
-from hashgnn_jax import losses
-from hashgnn_jax import optim
-from hashgnn_jax import sampler
-from hashgnn_jax import train
+from hashgnn_jax.data import graph as graph_lib
+from hashgnn_jax import experiment as experiment_lib
+from hashgnn_jax.model import losses
+from hashgnn_jax.train import checkpointing
+from hashgnn_jax.train import loop as train
+from hashgnn_jax.train import optim
+from hashgnn_jax.train import sampler
+from hashgnn_jax.train import schedules
+from hashgnn_jax.train import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -33,12 +36,12 @@ def _config(**overrides):
 
 def _run_steps(exp, devices, num_steps, state=None, set_sizes=None):
   """Runs `num_steps` pmapped steps on `devices` the way train_and_evaluate does."""
-  replicated, shard_ids = train.device_layout(devices)
+  replicated, shard_ids = step_lib.device_layout(devices)
   graph = graph_lib.to_device(exp.graph, replicated)
   if set_sizes == "fit":
-    set_sizes = train.fit_set_sizes(exp.config, graph, devices)
+    set_sizes = step_lib.fit_set_sizes(exp.config, graph, devices)
     assert set_sizes is not None
-  step_fn = train.make_train_step(exp.model, exp.tx, exp.config, exp.per_epoch, devices,
+  step_fn = step_lib.make_train_step(exp.model, exp.tx, exp.config, exp.per_epoch, devices,
                                   set_sizes)
   state = jax.device_put(exp.initial_state() if state is None else state, replicated)
   metrics = None
@@ -52,7 +55,7 @@ def _run_steps(exp, devices, num_steps, state=None, set_sizes=None):
 
 @pytest.fixture(scope="module")
 def experiment():
-  return train.Experiment(_config())
+  return experiment_lib.Experiment(_config())
 
 
 # "rowwise" at this size streams its update (optim.STREAMING_SHARE); "rowwise-gathered" forces
@@ -68,7 +71,8 @@ def test_four_devices_match_one_device(experiment, mode, update, monkeypatch):
   monkeypatch.setattr(sampler, "_MIN_TRIM_SLOTS", 0)  # This config's sets are small.
   update = update.split("-")[0]
   if (mode, update) != (experiment.config.sampler.mode, experiment.config.train.embedding_update):
-    experiment = train.Experiment(_config(sampler__mode=mode, train__embedding_update=update))
+    experiment = experiment_lib.Experiment(
+        _config(sampler__mode=mode, train__embedding_update=update))
   one_state, one_metrics, _ = _run_steps(experiment, jax.local_devices()[:1], 2,
                                          set_sizes=set_sizes)
   four_state, four_metrics, _ = _run_steps(experiment, jax.local_devices()[:4], 2,
@@ -87,7 +91,7 @@ def test_four_devices_match_one_device(experiment, mode, update, monkeypatch):
 @pytest.mark.parametrize("update", ["rowwise", "dense"])
 def test_trimmed_steps_match_untrimmed_steps(update, monkeypatch):
   monkeypatch.setattr(sampler, "_MIN_TRIM_SLOTS", 0)  # This config's sets are small.
-  experiment = train.Experiment(_config(train__embedding_update=update))
+  experiment = experiment_lib.Experiment(_config(train__embedding_update=update))
   devices = jax.local_devices()[:1]
   full_state, full_metrics, _ = _run_steps(experiment, devices, 3)
   trim_state, trim_metrics, _ = _run_steps(experiment, devices, 3, set_sizes="fit")
@@ -105,7 +109,7 @@ def test_trim_sets_setting(experiment, monkeypatch):
   monkeypatch.setattr(sampler, "_MIN_TRIM_SLOTS", 0)
   devices = jax.local_devices()[:1]
   graph = graph_lib.to_device(experiment.graph)
-  fit = lambda **overrides: train.fit_set_sizes(_config(**overrides), graph, devices)
+  fit = lambda **overrides: step_lib.fit_set_sizes(_config(**overrides), graph, devices)
   sizes = fit()  # "auto", on CPU devices.
   assert sizes is not None and sizes == fit(sampler__trim_sets="always")
   assert fit(sampler__trim_sets="never") is None
@@ -114,9 +118,9 @@ def test_trim_sets_setting(experiment, monkeypatch):
 
 @pytest.mark.parametrize("update", ["rowwise", "dense"])
 def test_overflowing_step_changes_nothing_and_the_stepper_reruns_it(update):
-  experiment = train.Experiment(_config(train__embedding_update=update))
+  experiment = experiment_lib.Experiment(_config(train__embedding_update=update))
   devices = jax.local_devices()[:2]
-  replicated, shard_ids = train.device_layout(devices)
+  replicated, shard_ids = step_lib.device_layout(devices)
   graph = graph_lib.to_device(experiment.graph, replicated)
   order = jax.device_put(sampler.epoch_order(experiment.order_rng, 0, experiment.graph.num_edges),
                          replicated)
@@ -124,17 +128,17 @@ def test_overflowing_step_changes_nothing_and_the_stepper_reruns_it(update):
   fresh = lambda: jax.device_put(experiment.initial_state(), replicated)
   too_small = (32, 1024, 1024)  # Fewer slots than the batch's distinct targets.
   start = experiment.initial_state()
-  state, metrics = train.make_train_step(experiment.model, experiment.tx, experiment.config,
+  state, metrics = step_lib.make_train_step(experiment.model, experiment.tx, experiment.config,
                                          experiment.per_epoch, devices, too_small)(fresh(), *args)
   assert float(metrics["trimmed"]) == 0.0 and int(state.step) == 0
   jax.tree.map(np.testing.assert_array_equal, state.params, start.params)
   jax.tree.map(np.testing.assert_array_equal, state.opt_state, start.opt_state)
   np.testing.assert_array_equal(state.node_marks, start.node_marks)
 
-  untrimmed_state, untrimmed_metrics = train.make_train_step(
+  untrimmed_state, untrimmed_metrics = step_lib.make_train_step(
       experiment.model, experiment.tx, experiment.config, experiment.per_epoch, devices)(
           fresh(), *args)
-  stepper = train.make_stepper(experiment.model, experiment.tx, experiment.config,
+  stepper = step_lib.make_stepper(experiment.model, experiment.tx, experiment.config,
                                experiment.per_epoch, devices, too_small)
   state, metrics = stepper(fresh(), *args)
   assert float(metrics.pop("trimmed")) == 0.0 and int(state.step) == 1
@@ -160,24 +164,24 @@ def test_step_compiles_once_across_steps_and_epochs(experiment, monkeypatch):
 def test_batch_size_must_divide_by_devices(experiment):
   config = _config(train__batch_size=130)
   with pytest.raises(ValueError, match=r"batch_size=130 must be divisible .* devices \(4\)"):
-    train.make_train_step(experiment.model, experiment.tx, config, 10, jax.local_devices()[:4])
+    step_lib.make_train_step(experiment.model, experiment.tx, config, 10, jax.local_devices()[:4])
 
 
 def test_batch_larger_than_training_edges_is_rejected():
   with pytest.raises(ValueError, match="batch_size=10000000 exceeds"):
-    train.steps_per_epoch(5_000, 10_000_000)
+    schedules.steps_per_epoch(5_000, 10_000_000)
 
 
 def test_guidance_schedules():
   config = _config().guidance
   config.schedule, config.init, config.decay_rate, config.transition_steps, config.floor = (
       "exponential", 1.0, 0.95, 250, 0.5)
-  schedule = train.create_guidance_schedule(config, per_epoch=100)
+  schedule = schedules.create_guidance_schedule(config, per_epoch=100)
   np.testing.assert_allclose([schedule(s) for s in (0, 249, 250, 500, 100_000)],
                              [1.0, 1.0, 0.95, 0.9025, 0.5], rtol=1e-6)
   config.schedule, config.decrement, config.transition_steps, config.floor = ("linear", 0.02, -2,
                                                                               0.0)
-  schedule = train.create_guidance_schedule(config, per_epoch=100)  # Every two epochs.
+  schedule = schedules.create_guidance_schedule(config, per_epoch=100)  # Every two epochs.
   np.testing.assert_allclose([schedule(s) for s in (0, 199, 200, 1_999, 10_000_000)],
                              [1.0, 1.0, 0.98, 0.82, 0.0], atol=1e-6)
 
@@ -186,31 +190,31 @@ def test_learning_rate_schedules():
   config = _config().train
   config.learning_rate, config.lr_end_fraction = 0.4, 0.25
   config.lr_schedule, config.warmup_steps = "constant", 0
-  schedule = train.create_learning_rate(config, 100)
+  schedule = schedules.create_learning_rate(config, 100)
   np.testing.assert_allclose([schedule(t) for t in (0, 50, 99, 500)], 0.4)
   config.warmup_steps = 4
-  schedule = train.create_learning_rate(config, 100)
+  schedule = schedules.create_learning_rate(config, 100)
   np.testing.assert_allclose([schedule(t) for t in (0, 1, 3, 4, 99)], [0, 0.1, 0.3, 0.4, 0.4],
                              atol=1e-7)
   config.lr_schedule, config.warmup_steps = "cosine", 10
-  schedule = train.create_learning_rate(config, 110)
+  schedule = schedules.create_learning_rate(config, 110)
   steps = np.array([0, 5, 10, 35, 60, 109, 110, 1_000])
   # Half a cosine from the peak (0.4) at the warm-up's end down to 0.25 * 0.4 at step 110.
   phase = np.clip((steps - 10) / 100, 0, 1)
   expected = np.where(steps < 10, 0.4 * steps / 10, 0.1 + 0.3 * 0.5 * (1 + np.cos(np.pi * phase)))
   np.testing.assert_allclose([schedule(t) for t in steps], expected, rtol=1e-5, atol=1e-7)
   config.warmup_steps = 0
-  schedule = train.create_learning_rate(config, 100)
+  schedule = schedules.create_learning_rate(config, 100)
   np.testing.assert_allclose([schedule(t) for t in (0, 50, 100)], [0.4, 0.25, 0.1], rtol=1e-5)
   config.warmup_steps = 10
   with pytest.raises(ValueError, match=r"config\.train\.warmup_steps=10 must be below"):
-    train.create_learning_rate(config, 10)
+    schedules.create_learning_rate(config, 10)
 
 
 def test_warm_up_step_zero_leaves_every_parameter_unchanged():
   # lr(0) = 0: the first update must move neither the dense parameters nor the table's rows,
   # so both optimizers follow the schedule; the second (lr > 0) must move both.
-  exp = train.Experiment(_config(train__warmup_steps=5, train__lr_schedule="cosine"))
+  exp = experiment_lib.Experiment(_config(train__warmup_steps=5, train__lr_schedule="cosine"))
   start = exp.initial_state().params
   devices = jax.local_devices()[:1]
   one, _, _ = _run_steps(exp, devices, 1)
@@ -254,11 +258,11 @@ def test_results_files(trained_run):
 
 def test_eval_mode_reproduces_final_metrics(trained_run):
   workdir, record = trained_run
-  again = train.evaluate_checkpoint(_config(), workdir)
+  again = experiment_lib.evaluate_checkpoint(_config(), workdir)
   assert again["step"] == record["step"] == 600
   assert again["metrics"] == record["metrics"]
   with pytest.raises(FileNotFoundError, match="No checkpoint for step 7"):
-    train.evaluate_checkpoint(_config(), workdir, step=7)
+    experiment_lib.evaluate_checkpoint(_config(), workdir, step=7)
 
 
 def _final_params(workdir, exp):
@@ -275,7 +279,7 @@ def test_resume_continues_from_checkpoint(tmp_path):
   resumed = train.train_and_evaluate(_config(train__num_devices=1), half)
   straight = train.train_and_evaluate(_config(train__num_devices=1), full)
   assert resumed["step"] == straight["step"] == 600
-  exp = train.Experiment(_config(train__num_devices=1))
+  exp = experiment_lib.Experiment(_config(train__num_devices=1))
   assert sorted(exp.checkpointer(half).all_steps())[-1] == 600
   # Sampling and shuffling are functions of (seed, step), so resuming changes nothing.
   jax.tree.map(np.testing.assert_array_equal, _final_params(half, exp).params,
@@ -288,7 +292,7 @@ def test_constant_rate_keeps_plain_adam_state():
   # count to it, and those checkpoints could no longer be restored.
   params = {"w": np.zeros((2, 3), np.float32)}
   expected = jax.tree.structure(optax.adam(1e-3).init(params))
-  tx = train.create_optimizer(_config().train, num_steps=10)
+  tx = optim.create_optimizer(_config().train, num_steps=10)
   assert jax.tree.structure(tx.init(params)) == expected
 
 
@@ -328,19 +332,19 @@ def test_invalid_config_values_name_the_key():
   config = _config()
   config.model.aggregator = "max"
   with pytest.raises(ValueError, match=r"config\.model\.aggregator='max'"):
-    train.Experiment(config)
+    experiment_lib.Experiment(config)
   config = _config()
   config.model.hidden_dims = (8,)
   with pytest.raises(ValueError, match=r"config\.model\.hidden_dims"):
-    train.Experiment(config)
+    experiment_lib.Experiment(config)
   config = _config(sampler__trim_sets="yes")
   with pytest.raises(ValueError, match=r"config\.sampler\.trim_sets='yes'"):
-    train.Experiment(config)
+    experiment_lib.Experiment(config)
   for key, value in (("lr_schedule", "step"), ("lr_end_fraction", 1.5), ("warmup_steps", -1)):
     config = _config()
     config.train[key] = value
     with pytest.raises(ValueError, match=rf"config\.train\.{key}="):
-      train.Experiment(config)
+      experiment_lib.Experiment(config)
 
 
 def test_checkpoint_restore_missing_dir(tmp_path):
@@ -360,7 +364,7 @@ def test_validation_selects_best_checkpoint_for_test(tmp_path):
   scores = [r["metrics"]["hierarchical"]["hr@50"] for r in valid]
   assert record["split"] == "test" and record["checkpoint"] == "best"
   assert record["step"] == valid[int(np.argmax(scores))]["step"]
-  again = train.evaluate_checkpoint(config, workdir, which="best")
+  again = experiment_lib.evaluate_checkpoint(config, workdir, which="best")
   assert again["step"] == record["step"] and again["metrics"] == record["metrics"]
   # Both protocols are recorded; the paper one ranks known items too, so it differs.
   assert set(record["by_protocol"]) == {"standard", "paper"}

@@ -36,7 +36,7 @@ extensions): a size and date check could miss an in-place edit, and a partial ha
 the middle. Both files are written under temporary names and renamed, the manifest last, so a
 crash never leaves a cache that looks complete.
 
-  python -m hashgnn_jax.prepare --dataset=movielens --out=/data/ml-1m \\
+  python -m hashgnn_jax.data.prepare --dataset=movielens --out=/data/ml-1m \\
       --source=https://files.grouplens.org/datasets/movielens/ml-1m.zip
 """
 
@@ -46,6 +46,7 @@ import datetime
 import hashlib
 import http.client
 import json
+import math
 import os
 import secrets
 import shutil
@@ -62,13 +63,12 @@ import ml_collections
 import numpy as np
 
 from hashgnn_jax import config_lib
+from hashgnn_jax.data import dataset as data
+from hashgnn_jax.data import formats
+from hashgnn_jax.data import readers
 from hashgnn_jax import fileio
-from hashgnn_jax import data
-from hashgnn_jax import readers
 
 FORMAT_VERSION = 1
-SPLITS = ("random", "published", "temporal")
-FILE_KINDS = tuple(kind for kind in data.VALID_KINDS if kind != "synthetic")
 _LIGHTGCN_KINDS = ("gowalla", "lightgcn", "pinterest")
 _SOURCE_NAMES = {  # Files searched for, in order, when a kind's source is a folder.
   "movielens": ("ratings.dat", "ratings.csv", "u.data"),
@@ -99,77 +99,46 @@ KNOWN_ARCHIVES = {
 
 def _settings(data_config: ml_collections.ConfigDict) -> dict:
   """The settings a prepared data set depends on, schema defaults filled in, JSON-ready."""
-  defaults = config_lib.default_config().data
-
-  def get(key):
-    return data_config.get(key, defaults[key])
-
-  kind, split = data_config.kind, get("split")
-  if kind not in FILE_KINDS:
-    raise ValueError(f"config.data.kind={kind!r} is not one of {FILE_KINDS}.")
-  if split not in SPLITS:
-    raise ValueError(f"config.data.split={split!r} is not one of {SPLITS}.")
+  data_config = config_lib.with_data_defaults(data_config)
+  config_lib.validate_data(data_config)
+  kind, split = data_config.kind, data_config.split
+  if kind not in formats.FILE_KINDS:
+    raise ValueError(f"config.data.kind={kind!r} is not one of {tuple(formats.FILE_KINDS)}.")
   settings = {
     "kind": kind,
     "split": split,
-    "seed": int(get("seed")),
-    "valid_fraction": float(get("valid_fraction")),
-    "min_user_interactions": int(get("min_user_interactions")),
-    "min_item_interactions": int(get("min_item_interactions")),
-    "k_core": bool(get("k_core")),
+    "seed": int(data_config.seed),
+    "valid_fraction": float(data_config.valid_fraction),
+    "min_user_interactions": int(data_config.min_user_interactions),
+    "min_item_interactions": int(data_config.min_item_interactions),
+    "k_core": bool(data_config.k_core),
   }
   # Only what changes the result is recorded, so that e.g. test_fraction does not invalidate a
   # temporal cache.
   if split == "random":
-    settings["test_fraction"] = float(get("test_fraction"))
+    settings["test_fraction"] = float(data_config.test_fraction)
   if split == "temporal":
-    settings["train_days"] = float(get("train_days"))
-    settings["test_days"] = float(get("test_days"))
-    for key in ("train_days", "test_days"):
-      if settings[key] <= 0:
-        raise ValueError(f"config.data.{key}={settings[key]} must be > 0.")
+    settings["train_days"] = float(data_config.train_days)
+    settings["test_days"] = float(data_config.test_days)
   if kind == "alibaba":
-    settings["behaviors"] = [str(name) for name in get("behaviors")]
+    settings["behaviors"] = [str(name) for name in data_config.behaviors]
   if kind == "csv":
-    columns = get("columns")
     settings["columns"] = {
-      role: str(columns.get(role, defaults.columns[role]))
-      for role in ("user", "item", "timestamp", "rating")
+      role: str(data_config.columns[role]) for role in ("user", "item", "timestamp", "rating")
     }
-    settings["delimiter"] = str(get("delimiter"))
-    settings["header"] = bool(get("header"))
+    settings["delimiter"] = str(data_config.delimiter)
+    settings["header"] = bool(data_config.header)
   # The three keys below are recorded only when set, so that caches written before they existed
   # (whose settings lack them) stay valid under the defaults.
-  end_time = config_lib.end_time_seconds(get("end_time"), split)
+  end_time = config_lib.end_time_seconds(data_config.end_time, split)
   if end_time is not None:
     settings["end_time"] = end_time
-  min_rating = config_lib.check_min_rating(get("min_rating"))
-  if min_rating != -np.inf:
-    if kind != "movielens" and not (kind == "csv" and settings["columns"]["rating"]):
-      raise ValueError(
-        f"config.data.min_rating={min_rating} filters by rating, and {kind} data has none"
-        + (": set config.data.columns.rating" if kind == "csv" else "; leave it at -inf")
-      )
-    settings["min_rating"] = min_rating
-  unit = str(get("timestamp_unit"))
-  if unit not in config_lib.TIMESTAMP_UNITS:
-    raise ValueError(
-      f"config.data.timestamp_unit={unit!r} is not one of {config_lib.TIMESTAMP_UNITS}."
-    )
-  if unit != "s" and kind != "csv":
-    raise ValueError(
-      f"config.data.timestamp_unit={unit!r} is for the integer timestamps of kind 'csv'; "
-      f"{kind} data has its own fixed format, so leave it at 's'"
-    )
+  if math.isfinite(data_config.min_rating):
+    settings["min_rating"] = float(data_config.min_rating)
   # Only the temporal split uses the timestamps.
+  unit = str(data_config.timestamp_unit)
   if unit != "s" and split == "temporal" and settings["columns"]["timestamp"]:
     settings["timestamp_unit"] = unit
-  for key in ("valid_fraction", "test_fraction"):
-    if key in settings and not 0.0 <= settings[key] < 1.0:
-      raise ValueError(f"config.data.{key}={settings[key]} must be in [0, 1).")
-  for key in ("min_user_interactions", "min_item_interactions"):
-    if settings[key] < 0:
-      raise ValueError(f"config.data.{key}={settings[key]} must be >= 0.")
   return settings
 
 
@@ -713,25 +682,44 @@ def unpack(archive: str, *, out_dir: str) -> str:
   return target
 
 
+# config.data keys without a flag of their own: --dataset, --source and --out give the kind, the
+# path and the cache folder, and nothing is prepared for the generated graph.
+_UNFLAGGED = ("kind", "path", "cache_dir", "synthetic", "columns")
+_FLAG_CHOICES = {"split": formats.SPLITS, "timestamp_unit": config_lib.TIMESTAMP_UNITS}
+
+
+def _data_flags() -> list[tuple[str, str, object]]:
+  """(flag name, config.data key, schema default) for each key the command line can set."""
+  defaults = config_lib.default_config().data
+  names = [(key, key, value) for key, value in defaults.items() if key not in _UNFLAGGED]
+  names += [(f"{role}_column", f"columns.{role}", value)
+            for role, value in defaults.columns.items()]
+  return names
+
+
 def _define_flags():
-  flags.DEFINE_enum("dataset", None, FILE_KINDS, "The data kind (config.data.kind).")
+  """The command line: the source, then one flag per key of the schema's `config.data`."""
+  flags.DEFINE_enum("dataset", None, tuple(formats.FILE_KINDS),
+                    "The data kind (config.data.kind).")
   flags.DEFINE_string("source", None, "A file or folder, or an http(s) URL to download.")
   flags.DEFINE_string("out", None, "Folder for the download and the prepared cache.")
   flags.DEFINE_string("sha256", "", "Expected SHA-256 of a downloaded file (else a known one).")
-  flags.DEFINE_enum("split", None, SPLITS, "config.data.split.")
-  for name in ("test_fraction", "valid_fraction", "train_days", "test_days", "min_rating"):
-    flags.DEFINE_float(name, None, f"config.data.{name}.")
-  flags.DEFINE_string("end_time", None, "config.data.end_time (temporal split).")
-  flags.DEFINE_enum("timestamp_unit", None, config_lib.TIMESTAMP_UNITS,
-                    "config.data.timestamp_unit (csv).")
-  for name in ("seed", "min_user_interactions", "min_item_interactions"):
-    flags.DEFINE_integer(name, None, f"config.data.{name}.")
-  flags.DEFINE_bool("k_core", None, "config.data.k_core.")
-  flags.DEFINE_list("behaviors", None, "config.data.behaviors (alibaba).")
-  for role in ("user", "item", "timestamp", "rating"):
-    flags.DEFINE_string(f"{role}_column", None, f"config.data.columns.{role} (csv).")
-  flags.DEFINE_string("delimiter", None, "config.data.delimiter (csv).")
-  flags.DEFINE_bool("header", None, "config.data.header (csv).")
+  for name, key, default in _data_flags():
+    text = f"config.data.{key} (schema default {default!r})."
+    if name in _FLAG_CHOICES:
+      flags.DEFINE_enum(name, None, _FLAG_CHOICES[name], text)
+    elif isinstance(default, bool):
+      flags.DEFINE_bool(name, None, text)
+    elif isinstance(default, int):
+      flags.DEFINE_integer(name, None, text)
+    elif isinstance(default, float):
+      flags.DEFINE_float(name, None, text)
+    elif isinstance(default, str):
+      flags.DEFINE_string(name, None, text)
+    elif isinstance(default, tuple):
+      flags.DEFINE_list(name, None, text)
+    else:
+      raise TypeError(f"config.data.{key}: no flag type for {type(default).__name__}")
   flags.mark_flags_as_required(["dataset", "source", "out"])
 
 
@@ -755,16 +743,14 @@ def _prepare_from_flags(values: flags.FlagValues) -> None:
     archive = download(source, out_dir=values.out, sha256=values.sha256)
     source = unpack(archive, out_dir=values.out)
   data_config.path = locate_source(values.dataset, source)
-  for name in ("split", "test_fraction", "valid_fraction", "train_days", "test_days", "seed",
-               "min_user_interactions", "min_item_interactions", "k_core", "delimiter", "header",
-               "end_time", "min_rating", "timestamp_unit"):
-    if values[name].value is not None:
-      data_config[name] = values[name].value
-  if values.behaviors is not None:
-    data_config.behaviors = tuple(values.behaviors)
-  for role in ("user", "item", "timestamp", "rating"):
-    if values[f"{role}_column"].value is not None:
-      data_config.columns[role] = values[f"{role}_column"].value
+  for name, key, default in _data_flags():
+    value = values[name].value
+    if value is not None:
+      *parents, leaf = key.split(".")
+      section = data_config
+      for parent in parents:
+        section = section[parent]
+      section[leaf] = tuple(value) if isinstance(default, tuple) else value
   _, manifest = _load_or_prepare(data_config)
   arrays_path, _ = cache_paths(data_config)
   report = {

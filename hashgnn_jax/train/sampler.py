@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hashgnn_jax import graph as graph_lib
+from hashgnn_jax.data import graph as graph_lib
 
 
 def epoch_order(key: jax.Array, epoch: int | jax.Array, num_edges: int) -> jax.Array:

@@ -6,7 +6,7 @@ and memory stays at a few times the block size on top of the output columns. A l
 parse stops the read with a ValueError naming the file, its 1-based line number and its text.
 
 All readers accept Windows line ends, blank lines and spaces around fields. Ids stay raw here
-(remapping to 0..N-1 is `prepare.py`'s job): int64 where the source ids are numbers, else strings.
+(remapping to 0..N-1 is `prepare`'s job): int64 where the source ids are numbers, else strings.
 """
 
 import dataclasses
@@ -15,14 +15,13 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from hashgnn_jax.data import formats
+
 # Bytes read per block. Blocks end at a line end, so one may be a line longer. Public so that tests
 # can make it tiny and put block edges inside lines.
 BLOCK_BYTES = 4 << 20
-USER_BEHAVIOR_TYPES = ("pv", "buy", "cart", "fav")  # Taobao's four behaviour types.
-# Decimal digits below one second in each unit of integer timestamps.
-TIMESTAMP_UNIT_DIGITS = {"s": 0, "ms": 3, "us": 6, "ns": 9}
 _TIMESTAMP_UNIT_NAMES = {"s": "seconds", "ms": "milliseconds", "us": "microseconds",
-                         "ns": "nanoseconds"}  # Same keys as TIMESTAMP_UNIT_DIGITS.
+                         "ns": "nanoseconds"}  # Same keys as formats.TIMESTAMP_UNIT_DIGITS.
 
 _MOVIELENS_LAYOUTS = {  # Delimiter -> the layout quoted in errors.
   b"::": "'user::item::rating::timestamp'",
@@ -497,9 +496,10 @@ def read_table(
   Integer timestamps are in `timestamp_unit` ('s', 'ms', 'us' or 'ns') and come out as seconds,
   floored; ISO 8601 text and Parquet timestamp columns carry their own unit.
   """
-  if timestamp_unit not in TIMESTAMP_UNIT_DIGITS:
+  if timestamp_unit not in formats.TIMESTAMP_UNIT_DIGITS:
     raise ValueError(
-      f"timestamp_unit must be one of {tuple(TIMESTAMP_UNIT_DIGITS)}, got {timestamp_unit!r}"
+      f"timestamp_unit must be one of {tuple(formats.TIMESTAMP_UNIT_DIGITS)}, "
+      f"got {timestamp_unit!r}"
     )
   roles = {"user": user, "item": item, "timestamp": timestamp, "rating": rating}
   roles = {role: spec for role, spec in roles.items() if spec}
@@ -592,7 +592,7 @@ def _time_column(
   `iso` is the form the file's earlier blocks used (None before the first), so that one file
   never mixes the two; returns the seconds [N] and the form used.
   """
-  values, bad = _parse_time_ints(lines.data, starts, ends, TIMESTAMP_UNIT_DIGITS[unit])
+  values, bad = _parse_time_ints(lines.data, starts, ends, formats.TIMESTAMP_UNIT_DIGITS[unit])
   if iso is None:
     iso = bool(bad.all())
   if not iso:
@@ -616,7 +616,7 @@ def _time_column(
 
 
 def read_user_behavior(
-  path: str, *, behaviors: Sequence[str] = USER_BEHAVIOR_TYPES
+  path: str, *, behaviors: Sequence[str] = formats.USER_BEHAVIOR_TYPES
 ) -> Interactions:
   """Reads Taobao's UserBehavior.csv, keeping the rows whose behaviour type is listed."""
   names = tuple(behaviors)
@@ -675,7 +675,7 @@ def _read_parquet(path: str, roles: dict[str, str], *, timestamp_unit: str = "s"
   columns = {role: names[_column_index(spec, names, role, path)] for role, spec in roles.items()}
   dtypes = {"user": np.int64, "item": np.int64, "timestamp": np.int64, "rating": np.float32}
   chunks = {role: _Column(parquet.metadata.num_rows, dtypes[role]) for role in columns}
-  per_unit = 10 ** TIMESTAMP_UNIT_DIGITS[timestamp_unit]
+  per_unit = 10 ** formats.TIMESTAMP_UNIT_DIGITS[timestamp_unit]
   offset = 0
   for batch in parquet.iter_batches(columns=sorted(set(columns.values()))):
     for role, name in columns.items():
@@ -691,7 +691,8 @@ def _read_parquet(path: str, roles: dict[str, str], *, timestamp_unit: str = "s"
         if role == "timestamp" and per_unit > 1:
           values //= per_unit
       elif role == "timestamp" and pa.types.is_timestamp(kind):
-        values = array.cast(pa.int64()).to_numpy() // 10 ** TIMESTAMP_UNIT_DIGITS[kind.unit]
+        digits = formats.TIMESTAMP_UNIT_DIGITS[kind.unit]
+        values = array.cast(pa.int64()).to_numpy() // 10**digits
       elif role != "timestamp" and (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         # Dictionary encoding makes Python strings only for the distinct values, not per row.
         encoded = pc.dictionary_encode(array)

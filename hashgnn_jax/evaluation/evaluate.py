@@ -2,7 +2,7 @@
 
 Protocol ("standard"): users with at least one held-out item are evaluated; their training items
 are excluded from the ranking unless `eval.exclude_train` is off; the whole catalogue is ranked;
-ties break by a seeded item order (`retrieval.tie_break_order`).
+ties break by a seeded item order (`retrieval.codes.tie_break_order`).
 
 At Alibaba scale (600k users × 4.2M items) `eval.max_users` evaluates a seeded sample of those
 users, the same one for every mode, protocol and evaluation of a run; the record says how many
@@ -11,12 +11,17 @@ users were evaluated out of how many and whether they were a sample.
 
 import time
 
+from absl import logging
 import numpy as np
 
-from hashgnn_jax import encode
-from hashgnn_jax import graph as graph_lib
-from hashgnn_jax import metrics as metrics_lib
-from hashgnn_jax import retrieval
+from hashgnn_jax.data import graph as graph_lib
+from hashgnn_jax.evaluation import metrics as metrics_lib
+from hashgnn_jax.evaluation import popularity as popularity_lib
+from hashgnn_jax.model import encode
+from hashgnn_jax.retrieval import index as retrieval
+
+# Seconds between progress lines; an evaluation shorter than this logs none.
+PROGRESS_SECONDS = 30.0
 
 
 def _user_chunks(users: np.ndarray, chunk: int):
@@ -27,6 +32,24 @@ def _user_chunks(users: np.ndarray, chunk: int):
     if real < chunk:
       block = np.concatenate([block, np.full(chunk - real, block[0], block.dtype)])
     yield block, real
+
+
+class _Progress:
+  """Logs chunks done, elapsed time and an ETA at most every PROGRESS_SECONDS."""
+
+  def __init__(self, num_chunks: int, num_users: int):
+    self._num_chunks, self._num_users = num_chunks, num_users
+    self._start = self._last = time.perf_counter()
+
+  def update(self, done: int) -> None:
+    now = time.perf_counter()
+    if now - self._last < PROGRESS_SECONDS or done == self._num_chunks:
+      return
+    self._last = now
+    elapsed = now - self._start
+    logging.info("Evaluation: %d/%d user chunks (%d users) in %.0f s, about %.0f s left.",
+                 done, self._num_chunks, self._num_users, elapsed,
+                 elapsed / done * (self._num_chunks - done))
 
 
 def sample_users(split_users: np.ndarray, max_users: int, seed: int) -> np.ndarray:
@@ -76,11 +99,13 @@ def evaluate_codes(codes: np.ndarray, graph: graph_lib.BipartiteGraph, split_use
   excluding = {p: p == "standard" and eval_config.exclude_train for p in eval_config.protocols}
 
   index = retrieval.ItemIndex(item_codes, tie_seed=eval_config.tie_seed)
-  popularity = retrieval.ScoreRanking(graph.item_degrees(), tie_order=index.tie_order)
+  popularity = popularity_lib.ScoreRanking(graph.item_degrees(), tie_order=index.tie_order)
   modes = tuple(eval_config.modes) + ("popularity",)
   hits = {(p, m): [] for p in eval_config.protocols for m in modes}
   seconds = dict.fromkeys(hits, 0.0)
-  for chunk_users, real in _user_chunks(eval_users, eval_config.user_chunk):
+  progress = _Progress(-(-len(eval_users) // eval_config.user_chunk), len(eval_users))
+  for done, (chunk_users, real) in enumerate(
+      _user_chunks(eval_users, eval_config.user_chunk), start=1):
     # One exclusion list per chunk, shared by every mode.
     known_items = known.padded_user_items(chunk_users) if any(excluding.values()) else None
     pairs = slice(*np.searchsorted(split_users, [chunk_users[0], chunk_users[real - 1] + 1]))
@@ -97,6 +122,7 @@ def evaluate_codes(codes: np.ndarray, graph: graph_lib.BipartiteGraph, split_use
         seconds[protocol, mode] += time.perf_counter() - start
         hits[protocol, mode].append(metrics_lib.hit_matrix(
             ranked[:real], chunk_users[:real], split_users[pairs], split_items[pairs], num_items))
+    progress.update(done)
   by_protocol = {
       p: {m: metrics_lib.summarize(metrics_lib.ranking_metrics(
           np.concatenate(hits[p, m]), num_held_out, cutoffs, protocol=p)) for m in modes}

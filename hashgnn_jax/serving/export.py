@@ -1,25 +1,9 @@
 """`--mode=export`: a checkpoint's codes for every user and item, written for serving.
 
-Layout (read and verified by `serving.Retriever`):
-
-    WORKDIR/export/
-      latest.json          {"directory": "step_N", "step": N, "checkpoint": "latest"|"best"}
-      step_N/
-        manifest.json      format version, sizes, tie seed, step, config, and per array its
-                           shape, dtype, bytes and SHA-256
-        item_codes.npy     uint32 [I, W]  packed sign bits (retrieval.pack_bits), W = ceil(K / 32)
-        item_z.npy         float32 [I, K] continuous codes
-        user_codes.npy     uint32 [U, W]
-        user_z.npy         float32 [U, K]
-        item_ids.npy       [I] raw item id of each row (int64 or text; row numbers if none)
-        user_ids.npy       [U] raw user id of each row
-        known_indptr.npy   int64 [U + 1]  CSR offsets of each user's known items
-        known_items.npy    int32 [E]      known item rows: training plus validation pairs
-
-Each step folder is built in a hidden temporary sibling, every file fsynced, and renamed into place
-only when complete; `latest.json` is then replaced atomically. A reader thus sees the previous
-export or the new one, never part of one, and a failed export leaves nothing behind. Folders of
-earlier steps stay until deleted by hand.
+The layout is `format.py`'s. Each step folder is built in a hidden temporary sibling, every file
+fsynced, and renamed into place only when complete; `latest.json` is then replaced atomically. A
+reader thus sees the previous export or the new one, never part of one, and a failed export leaves
+nothing behind. Folders of earlier steps stay until deleted by hand.
 """
 
 import datetime
@@ -32,12 +16,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from hashgnn_jax import encode
+from hashgnn_jax.data import graph as graph_lib
+from hashgnn_jax import experiment as experiment_lib
 from hashgnn_jax import fileio
-from hashgnn_jax import graph as graph_lib
-from hashgnn_jax import retrieval
-from hashgnn_jax import serving
-from hashgnn_jax import train
+from hashgnn_jax.model import encode
+from hashgnn_jax.retrieval import codes as codes_lib
+from hashgnn_jax.serving import format as format_lib
 
 SUBDIR = "export"
 
@@ -50,8 +34,8 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, step: 
   best-by-validation checkpoint. Returns the step folder written (None on processes other than 0,
   which compute the same codes but leave the writing to process 0).
   """
-  exp = train.Experiment(config)
-  params, step = train.restore_params(exp, workdir, step, which)
+  exp = experiment_lib.Experiment(config)
+  params, step = experiment_lib.restore_params(exp, workdir, step, which)
   node_z = encode.encode_nodes(exp.model, params, exp.graph,
                                edge_chunk=config.eval.edge_chunk)  # [U + I, K]
   if jax.process_index() != 0:
@@ -82,7 +66,7 @@ def write_export(root: str, *, node_z: np.ndarray, known: graph_lib.BipartiteGra
   if node_z.ndim != 2 or node_z.shape[0] != num_users + num_items:
     raise ValueError(f"node_z must have shape [{num_users + num_items}, K] (users, then items), "
                      f"got {node_z.shape}.")
-  words = np.asarray(retrieval.pack_bits(node_z))  # [U + I, W]
+  words = np.asarray(codes_lib.pack_bits(node_z))  # [U + I, W]
   num_known = int(known.indptr[num_users])  # User rows come first in the CSR.
   arrays = {
     "item_codes": words[num_users:],
@@ -95,7 +79,7 @@ def write_export(root: str, *, node_z: np.ndarray, known: graph_lib.BipartiteGra
     "known_items": (known.indices[:num_known] - num_users).astype(np.int32),
   }
   manifest = {
-    "format_version": serving.FORMAT_VERSION,
+    "format_version": format_lib.FORMAT_VERSION,
     "num_users": num_users,
     "num_items": num_items,
     "bits": int(node_z.shape[1]),
@@ -110,6 +94,12 @@ def write_export(root: str, *, node_z: np.ndarray, known: graph_lib.BipartiteGra
     "config": config.to_dict(),
     "arrays": {},
   }
+  # The reader's layout, checked here too, so that writer and reader agree by construction.
+  for array_name, (shape, dtype) in format_lib.array_specs(manifest).items():
+    array = arrays[array_name]
+    if array.shape != shape or (dtype is not None and array.dtype.str != dtype):
+      raise ValueError(f"{array_name} is {array.dtype.str} {array.shape}; the export format "
+                       f"needs {dtype or 'int64 or text'} {shape}.")
   os.makedirs(root, exist_ok=True)
   name = f"step_{step}"
   # Not tempfile.mkdtemp, whose mode 0700 would outlive the rename; os.mkdir honours the umask.
@@ -128,14 +118,14 @@ def write_export(root: str, *, node_z: np.ndarray, known: graph_lib.BipartiteGra
         "bytes": os.path.getsize(path),
         "sha256": fileio.file_sha256(path),
       }
-    fileio.write_json_atomic(os.path.join(staged, serving.MANIFEST), manifest)
+    fileio.write_json_atomic(os.path.join(staged, format_lib.MANIFEST), manifest)
     _fsync_directory(staged)
     final = os.path.join(root, name)
     _install(staged, final)
   except BaseException:
     shutil.rmtree(staged, ignore_errors=True)
     raise
-  fileio.write_json_atomic(os.path.join(root, serving.POINTER),
+  fileio.write_json_atomic(os.path.join(root, format_lib.POINTER),
                               {"directory": name, "step": int(step), "checkpoint": checkpoint})
   _fsync_directory(root)
   return final

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hashgnn_jax import graph as graph_lib
+from hashgnn_jax.data import graph as graph_lib
 
 
 @jax.custom_vjp

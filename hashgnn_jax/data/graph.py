@@ -6,6 +6,7 @@ later swap touches one file.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +35,17 @@ class BipartiteGraph:
     """Undirected training edges (each appears twice in `indices`)."""
     return len(self.indices) // 2
 
-  @property
+  @functools.cached_property
   def degrees(self) -> np.ndarray:
-    return np.diff(self.indptr)
+    """Neighbours per node [N] int64, computed once: every evaluation chunk reads them."""
+    degrees = np.diff(self.indptr)
+    degrees.flags.writeable = False  # Shared by every caller.
+    return degrees
+
+  @functools.cached_property
+  def max_user_degree(self) -> int:
+    """The most training items any user has (0 without users)."""
+    return int(self.degrees[:self.num_users].max(initial=0))
 
   def item_degrees(self) -> np.ndarray:
     """Training interactions per item: the popularity baseline's score."""
@@ -48,7 +57,7 @@ class BipartiteGraph:
 
   def padded_user_items(self, users: np.ndarray) -> np.ndarray:
     """Training item ids of `users` as one [len(users), max user degree] array, -1 padded."""
-    width = max(int(self.degrees[:self.num_users].max(initial=0)), 1)
+    width = max(self.max_user_degree, 1)
     starts, ends = self.indptr[users], self.indptr[users + 1]
     offsets = np.arange(width)
     positions = starts[:, None] + offsets[None, :]  # [C, width]
@@ -101,13 +110,12 @@ def to_device(graph: BipartiteGraph, sharding: jax.sharding.Sharding | None = No
   """Places the CSR on device(s) once; the train step reads it without host work."""
   if len(graph.indices) >= 2**31:
     raise ValueError("More than 2**31 directed edges do not fit int32 indices.")
-  max_user_degree = int(graph.degrees[:graph.num_users].max(initial=0))
   return DeviceGraph(
       indptr=jax.device_put(graph.indptr.astype(np.int32), sharding),
       indices=jax.device_put(graph.indices, sharding),
       num_users=graph.num_users,
       num_items=graph.num_items,
-      search_steps=max(1, int(np.ceil(np.log2(max_user_degree + 1)))),
+      search_steps=max(1, int(np.ceil(np.log2(graph.max_user_degree + 1)))),
   )
 
 

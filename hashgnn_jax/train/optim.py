@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hashgnn_jax import graph as graph_lib
+from hashgnn_jax.data import graph as graph_lib
+from hashgnn_jax.train import schedules
 
 
 # From this share of the table's rows touched (at most) per step, one sequential pass over the whole
@@ -151,3 +152,12 @@ def row_adam_update(table: jax.Array, state: RowAdamState, ids: jax.Array, grads
   return table.at[ids].set(rows, mode="drop"), RowAdamState(
       count=count, mu=state.mu.at[ids].set(mu, mode="drop"),
       nu=state.nu.at[ids].set(nu, mode="drop"))
+
+
+def create_optimizer(train_config, num_steps: int) -> optax.GradientTransformation:
+  """Adam on the learning-rate schedule of a run of `num_steps` (the cosine's length)."""
+  if train_config.lr_schedule == "constant" and train_config.warmup_steps == 0:
+    # A float, not a schedule: optax then keeps no step count in Adam's state, so constant-rate
+    # runs keep the checkpoint structure they had before schedules existed, and can resume.
+    return optax.adam(train_config.learning_rate)
+  return optax.adam(schedules.create_learning_rate(train_config, num_steps))

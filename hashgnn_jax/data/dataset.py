@@ -3,27 +3,14 @@
 A data set is a set of unique (user, item) pairs split into train, validation and test pairs. The
 random split is made per user, as usual for top-k recommendation benchmarks: every user with at
 least two interactions contributes to both sides, so recall can be measured for (almost) every
-user. Real data sets are read, cleaned, split and cached by `prepare.py`.
+user. `loader.load_dataset` builds one from `config.data`; real logs are read, cleaned, split
+and cached by `prepare`.
 """
 
 import dataclasses
-import os
 
-import ml_collections
 import numpy as np
 
-from hashgnn_jax import synthetic
-
-# What each file-backed kind reads from `config.data.path`, quoted in the missing-path error.
-_FILE_KINDS = {
-  "movielens": "a MovieLens ratings file (ratings.dat, u.data or ratings.csv) or its folder",
-  "gowalla": "a LightGCN-format Gowalla folder (train.txt and test.txt) or adjacency file",
-  "pinterest": "a LightGCN-format Pinterest folder (train.txt and test.txt) or adjacency file",
-  "alibaba": "a UserBehavior.csv-format file",
-  "lightgcn": "a folder holding LightGCN-format train.txt and test.txt, or one such file",
-  "csv": "a CSV, TSV or Parquet file of interactions (columns set by config.data.columns)",
-}
-VALID_KINDS = ("synthetic",) + tuple(_FILE_KINDS)
 _SIDES = ("train", "valid", "test")
 
 
@@ -146,28 +133,6 @@ def split_per_user(
   return is_test
 
 
-def _build_synthetic(data_config: ml_collections.ConfigDict) -> Dataset:
-  """Generates the planted-community graph of `data_config.synthetic` and splits it."""
-  cfg = data_config.synthetic
-  graph_seed, test_seed, valid_seed = split_seeds(data_config.seed)
-  users, items = synthetic.generate_interactions(
-    num_users=cfg.num_users,
-    num_items=cfg.num_items,
-    num_communities=cfg.num_communities,
-    mean_items_per_user=cfg.mean_items_per_user,
-    min_items_per_user=cfg.min_items_per_user,
-    popularity_exponent=cfg.popularity_exponent,
-    in_community_prob=cfg.in_community_prob,
-    seed=graph_seed,
-  )
-  valid_fraction = data_config.get("valid_fraction", 0.0)
-  if not 0 <= valid_fraction < 1:
-    raise ValueError(f"config.data.valid_fraction={valid_fraction} must be in [0, 1).")
-  is_test = split_per_user(users, items, test_fraction=data_config.test_fraction, seed=test_seed)
-  return with_validation("synthetic", cfg.num_users, cfg.num_items, users, items, is_test,
-                         valid_fraction=valid_fraction, valid_seed=valid_seed)
-
-
 def with_validation(name: str, num_users: int, num_items: int, users: np.ndarray,
                     items: np.ndarray, is_test: np.ndarray, *, valid_fraction: float,
                     valid_seed: int, **id_maps) -> Dataset:
@@ -191,23 +156,3 @@ def with_validation(name: str, num_users: int, num_items: int, users: np.ndarray
     test_items=items[is_test],
     **id_maps,
   )
-
-
-def load_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
-  """Builds the data set described by `data_config` (the `config.data` section)."""
-  kind = data_config.kind
-  if kind == "synthetic":
-    return _build_synthetic(data_config)
-  if kind not in _FILE_KINDS:
-    raise ValueError(f"config.data.kind must be one of {VALID_KINDS}, got {kind!r}")
-
-  path = data_config.get("path", "")
-  hint = f"data kind {kind!r} needs the path of {_FILE_KINDS[kind]} (pass --config.data.path=...)"
-  if not path:
-    raise FileNotFoundError(f"config.data.path is empty: {hint}")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"config.data.path={path!r} does not exist: {hint}")
-  # Imported here because prepare.py builds on this module (Dataset, split_per_user).
-  from hashgnn_jax import prepare  # pylint: disable=g-import-not-at-top
-
-  return prepare.load_or_prepare(data_config)

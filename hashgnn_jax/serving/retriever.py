@@ -1,173 +1,25 @@
-"""Top-k item retrieval from an export written by `--mode=export` (see `export.py`).
+"""Top-k item retrieval from an export written by `--mode=export`.
 
-An export is a folder of `.npy` arrays and a `manifest.json` that lists the shape, dtype, size and
-SHA-256 of each. `Retriever.load` checks all of that before serving, so a damaged, truncated or
-half-copied export fails with the file's name instead of returning wrong items. Search runs on
-`retrieval.ItemIndex` with the export's tie seed, so its rankings equal the evaluator's.
+`Retriever.load` reads and checks the export (`format.read_export`), then serves it: search runs
+on `retrieval.ItemIndex` with the export's tie seed and the evaluator's chunk shape, so its
+rankings equal the evaluator's; `backend="faiss"` runs Hamming search on a faiss IndexBinaryFlat
+instead. `python -m hashgnn_jax.serving` is the command line over this class.
 
     retriever = Retriever.load("WORKDIR/export")
     item_ids, scores = retriever.search(["u17", "u4"], k=50, mode="hierarchical",
                                         exclude_known=True)
 """
 
-import json
 import os
 
 import numpy as np
 
-from hashgnn_jax import fileio
-from hashgnn_jax import graph as graph_lib
-from hashgnn_jax import retrieval
+from hashgnn_jax.data import graph as graph_lib
+from hashgnn_jax.retrieval import codes as codes_lib
+from hashgnn_jax.retrieval import index as retrieval
+from hashgnn_jax.serving import format as format_lib
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-# In an export root: names the step folder written last (`export.py` swaps it atomically).
-POINTER = "latest.json"
 BACKENDS = ("jax", "faiss")
-
-
-class InvalidExportError(ValueError):
-  """An export whose manifest or arrays are not what this version of the reader expects."""
-
-
-def array_specs(manifest: dict) -> dict[str, tuple[tuple[int, ...], str | None]]:
-  """(shape, dtype) of every array an export holds, as its manifest's sizes imply.
-
-  Each array is stored as `<name>.npy`. A dtype of None marks the raw id maps, which hold int64
-  or text ids, whichever the data set had.
-  """
-  users, items = manifest["num_users"], manifest["num_items"]
-  bits, words = manifest["bits"], manifest["words"]
-  return {
-    "item_codes": ((items, words), "<u4"),  # Packed sign bits, as retrieval.pack_bits.
-    "item_z": ((items, bits), "<f4"),
-    "user_codes": ((users, words), "<u4"),
-    "user_z": ((users, bits), "<f4"),
-    "item_ids": ((items,), None),  # Raw id of each item row.
-    "user_ids": ((users,), None),
-    "known_indptr": ((users + 1,), "<i8"),  # CSR of each user's known items.
-    "known_items": ((manifest["num_known"],), "<i4"),
-  }
-
-
-def export_directory(path: str) -> str:
-  """The step folder at `path`: `path` itself, or the one its `latest.json` names."""
-  pointer = os.path.join(path, POINTER)
-  if os.path.exists(os.path.join(path, MANIFEST)) or not os.path.exists(pointer):
-    return path
-  try:
-    with open(pointer, encoding="utf-8") as f:
-      name = json.load(f)["directory"]
-  except (OSError, ValueError, KeyError, TypeError) as error:
-    raise InvalidExportError(
-      f"{pointer}: unreadable export pointer ({error!r}); expected JSON "
-      '{"directory": "step_N"}.'
-    ) from None
-  return os.path.join(path, name)
-
-
-def _read_manifest(directory: str) -> dict:
-  path = os.path.join(directory, MANIFEST)
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-      f"{path} is missing: {directory} is not an export (written by --mode=export), nor an export "
-      f"root holding {POINTER}."
-    )
-  try:
-    with open(path, encoding="utf-8") as f:
-      manifest = json.load(f)
-  except (OSError, ValueError) as error:
-    raise InvalidExportError(f"{path}: unreadable manifest ({error}).") from None
-  if not isinstance(manifest, dict):
-    raise InvalidExportError(f"{path}: expected a JSON object, got {type(manifest).__name__}.")
-  version = manifest.get("format_version")
-  if version != FORMAT_VERSION:
-    raise InvalidExportError(
-      f"{path}: format_version {version!r}; this code reads version {FORMAT_VERSION}."
-    )
-  required = ("num_users", "num_items", "bits", "words", "num_known", "tie_seed", "user_chunk",
-              "num_candidates", "step", "arrays")
-  missing = [key for key in required if key not in manifest]
-  if missing:
-    raise InvalidExportError(f"{path}: lacks the key(s) {missing}.")
-  if manifest["words"] != -(-manifest["bits"] // retrieval.WORD_BITS):
-    raise InvalidExportError(
-      f"{path}: {manifest['bits']} bits need {-(-manifest['bits'] // retrieval.WORD_BITS)} "
-      f"words, the manifest says {manifest['words']}."
-    )
-  return manifest
-
-
-def _describe(shape, dtype) -> str:
-  return f"{'int64 or text' if dtype is None else np.dtype(dtype).name} {tuple(shape)}"
-
-
-def _read_array(directory: str, name: str, entry: dict, shape, dtype, *,
-                verify_checksums: bool) -> np.ndarray:
-  """Loads `<name>.npy` after checking it against its manifest entry and the expected layout."""
-  path = os.path.join(directory, f"{name}.npy")
-  expected = _describe(shape, dtype)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing; the export needs {name} as {expected}.")
-  manifest_path = os.path.join(directory, MANIFEST)
-  try:
-    listed_shape, listed_dtype = tuple(entry["shape"]), np.dtype(entry["dtype"])
-    listed_bytes, listed_sha256 = entry["bytes"], entry["sha256"]
-  except (KeyError, TypeError) as error:
-    raise InvalidExportError(f"{manifest_path}: the entry of {name} needs a shape, dtype, bytes "
-                             f"and sha256 ({error!r}).") from None
-  id_dtype_ok = dtype is None and (listed_dtype == np.int64 or listed_dtype.kind == "U")
-  if listed_shape != shape or not (id_dtype_ok or listed_dtype == dtype):
-    raise InvalidExportError(f"{manifest_path}: lists {name} as "
-                             f"{_describe(listed_shape, listed_dtype)}, expected {expected}.")
-  size = os.path.getsize(path)
-  if size != listed_bytes:
-    state = "truncated" if size < listed_bytes else "too long"
-    raise InvalidExportError(f"{path}: {size} bytes, the manifest expects {listed_bytes} "
-                             f"({state}).")
-  if verify_checksums and fileio.file_sha256(path) != listed_sha256:
-    raise InvalidExportError(f"{path}: SHA-256 differs from the manifest's {listed_sha256}; the "
-                             "file is corrupt or was changed after export.")
-  try:
-    array = np.load(path, mmap_mode="r", allow_pickle=False)
-  except ValueError as error:
-    raise InvalidExportError(f"{path}: not a readable .npy file ({error}).") from None
-  if array.shape != shape or array.dtype != listed_dtype:
-    raise InvalidExportError(
-      f"{path}: holds {_describe(array.shape, array.dtype)}, expected {expected}."
-    )
-  # A copy in memory: a later export may replace the file while this one serves.
-  return np.array(array)
-
-
-def read_export(path: str, *, verify_checksums: bool = True) -> tuple[str, dict, dict]:
-  """Validates the export at `path` and returns (its step folder, manifest, arrays by name).
-
-  Raises FileNotFoundError for a missing manifest or array file and InvalidExportError for an
-  unknown format version, a malformed manifest, a size, checksum, shape or dtype mismatch, or an
-  inconsistent known-items CSR, each naming the file and what was expected.
-  """
-  directory = export_directory(path)
-  manifest = _read_manifest(directory)
-  specs = array_specs(manifest)
-  listed = manifest["arrays"]
-  if not isinstance(listed, dict) or set(listed) != set(specs):
-    raise InvalidExportError(
-      f"{os.path.join(directory, MANIFEST)}: \"arrays\" must list exactly {sorted(specs)}, got "
-      f"{sorted(listed) if isinstance(listed, dict) else listed!r}."
-    )
-  arrays = {
-    name: _read_array(directory, name, listed[name], shape, dtype,
-                      verify_checksums=verify_checksums)
-    for name, (shape, dtype) in specs.items()
-  }
-  indptr = arrays["known_indptr"]
-  if indptr[0] != 0 or indptr[-1] != manifest["num_known"] or np.any(np.diff(indptr) < 0):
-    raise InvalidExportError(
-      f"{os.path.join(directory, 'known_indptr.npy')}: expected non-decreasing CSR offsets from "
-      f"0 to num_known={manifest['num_known']}."
-    )
-  return directory, manifest, arrays
 
 
 class _IdMap:
@@ -178,7 +30,8 @@ class _IdMap:
     self._order = np.argsort(raw_ids, kind="stable")  # [n]
     self._sorted = raw_ids[self._order]  # [n]
     if np.any(self._sorted[1:] == self._sorted[:-1]):
-      raise InvalidExportError(f"{path}: raw ids repeat, so they map to rows ambiguously.")
+      raise format_lib.InvalidExportError(
+          f"{path}: raw ids repeat, so they map to rows ambiguously.")
 
   def rows(self, ids) -> np.ndarray:
     """Row of each raw id in `ids` [C]; KeyError naming those that are unknown."""
@@ -201,8 +54,8 @@ def _unknown_message(what: str, unknown: np.ndarray) -> str:
 
 
 def _unpack_bits(words: np.ndarray, num_bits: int) -> np.ndarray:
-  """±1 codes [C, K] whose `retrieval.pack_bits` is `words` [C, W]: the inverse packing."""
-  shifts = np.arange(retrieval.WORD_BITS, dtype=np.uint32)
+  """±1 codes [C, K] whose `codes_lib.pack_bits` is `words` [C, W]: the inverse packing."""
+  shifts = np.arange(codes_lib.WORD_BITS, dtype=np.uint32)
   bits = (words[:, :, None] >> shifts) & 1  # [C, W, 32]
   bits = bits.reshape(words.shape[0], -1)[:, :num_bits]  # [C, K]
   return np.where(bits == 1, 1.0, -1.0).astype(np.float32)
@@ -215,7 +68,7 @@ def _faiss_index(item_codes: np.ndarray):
   except ImportError as error:
     raise ImportError("backend='faiss' needs the faiss package (pip install faiss-cpu); the "
                       "default backend='jax' needs nothing more.") from error
-  index = faiss.IndexBinaryFlat(item_codes.shape[1] * retrieval.WORD_BITS)
+  index = faiss.IndexBinaryFlat(item_codes.shape[1] * codes_lib.WORD_BITS)
   index.add(_as_bytes(item_codes))
   return index
 
@@ -254,7 +107,8 @@ class Retriever:
       self._known = graph_lib.build_graph(np.repeat(np.arange(self.num_users), np.diff(indptr)),
                                           arrays["known_items"], self.num_users, self.num_items)
     except ValueError as error:
-      raise InvalidExportError(f"{os.path.join(directory, 'known_items.npy')}: {error}") from None
+      raise format_lib.InvalidExportError(
+          f"{os.path.join(directory, 'known_items.npy')}: {error}") from None
     if backend == "faiss":
       self._faiss = _faiss_index(arrays["item_codes"])
       self._item_z = arrays["item_z"]  # [I, K], for the hierarchical re-rank.
@@ -276,7 +130,7 @@ class Retriever:
         shape), and with them a hierarchical or continuous order among near-equal items.
       verify_checksums: check each file's SHA-256 (sizes, shapes and dtypes are always checked).
     """
-    directory, manifest, arrays = read_export(path, verify_checksums=verify_checksums)
+    directory, manifest, arrays = format_lib.read_export(path, verify_checksums=verify_checksums)
     return cls(directory, manifest, arrays, backend=backend, chunk_size=chunk_size)
 
   def user_rows(self, user_ids, *, raw_ids: bool = True) -> np.ndarray:
@@ -300,7 +154,7 @@ class Retriever:
     Args:
       user_ids: [C] users of the export: raw ids, or row indices with raw_ids=False.
       codes: instead of user_ids, continuous codes float [C, K], or packed codes uint32 [C, W]
-        (as `retrieval.pack_bits` makes them; Hamming mode only).
+        (as `codes_lib.pack_bits` makes them; Hamming mode only).
       k: items per query.
       mode: "hamming", "hierarchical" (the Hamming top `num_candidates` re-ranked by z·z) or
         "continuous" (z·z over all items).
@@ -386,18 +240,20 @@ class Retriever:
                        f"{self.num_items}.")
     # faiss cannot skip items per query: fetch enough extra to drop the known ones afterwards.
     extra = 0 if exclude is None else exclude.shape[1]
-    query_words = np.asarray(retrieval.pack_bits(query_z))  # [C, W]
+    query_words = np.asarray(codes_lib.pack_bits(query_z))  # [C, W]
     distances, ids = self._faiss.search(_as_bytes(query_words),
                                         min(wanted + extra, self.num_items))  # [C, n]
-    top_ids = np.full((len(ids), wanted), -1, np.int64)  # [C, wanted]
-    top_scores = np.full((len(ids), wanted), -np.inf, np.float32)
-    for row in range(len(ids)):
-      keep = ids[row] >= 0
-      if exclude is not None:
-        keep &= ~np.isin(ids[row], exclude[row])
-      kept_ids, kept_distances = ids[row][keep][:wanted], distances[row][keep][:wanted]
-      top_ids[row, :len(kept_ids)] = kept_ids
-      top_scores[row, :len(kept_ids)] = -kept_distances
+    keep = ids >= 0  # [C, n]; faiss pads with -1 where it has fewer than n items.
+    if exclude is not None:
+      # One isin over all rows: offsetting each row's ids by row × (I + 1) keeps rows apart.
+      offsets = np.arange(len(ids))[:, None] * (self.num_items + 1)  # [C, 1]
+      keep &= ~np.isin(ids + offsets, (exclude + offsets)[exclude >= 0])
+    # Kept entries first, each row's in faiss's order (a stable sort of the drop flags).
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :wanted]  # [C, wanted]
+    kept = np.take_along_axis(keep, order, axis=1)
+    top_ids = np.where(kept, np.take_along_axis(ids, order, axis=1), -1)  # [C, wanted]
+    top_scores = np.where(kept, -np.take_along_axis(distances, order, axis=1),
+                          -np.inf).astype(np.float32)
     if mode == "hamming":
       return top_ids, top_scores
     inner = np.einsum("ck,cmk->cm", query_z, self._item_z[np.maximum(top_ids, 0)])  # [C, M]

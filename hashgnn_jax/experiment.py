@@ -1,0 +1,144 @@
+"""One configuration assembled: devices, data set, graph, model, optimizer and checkpointers.
+
+Training (`train.loop`), evaluation of a checkpoint (`--mode=eval`) and export all start from an
+`Experiment`, so they read the same data and build the same model; `restore_params` is the
+checkpoint restore that evaluation and export share.
+"""
+
+import functools
+
+import jax
+import ml_collections
+import numpy as np
+
+from hashgnn_jax import config_lib
+from hashgnn_jax.data import graph as graph_lib
+from hashgnn_jax.data import loader
+from hashgnn_jax.evaluation import evaluate as evaluate_lib
+from hashgnn_jax.evaluation import reporting
+from hashgnn_jax.model import network as model_lib
+from hashgnn_jax.train import checkpointing
+from hashgnn_jax.train import optim
+from hashgnn_jax.train import schedules
+from hashgnn_jax.train import state as state_lib
+
+
+def select_devices(train_config) -> list[jax.Device]:
+  devices = jax.local_devices()
+  if train_config.num_devices > 0:
+    if train_config.num_devices > len(devices):
+      raise ValueError(f"config.train.num_devices={train_config.num_devices} but only "
+                       f"{len(devices)} local devices exist.")
+    devices = devices[:train_config.num_devices]
+  return devices
+
+
+class Experiment:
+  """Data, graph, model and optimizer of one configuration, shared by train and eval modes."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    config_lib.validate(config)
+    self.config = config
+    self.devices = select_devices(config.train)
+    self.dataset = loader.load_dataset(config.data)
+    self.graph = graph_lib.build_graph(self.dataset.train_users, self.dataset.train_items,
+                                       self.dataset.num_users, self.dataset.num_items)
+    self.per_epoch = schedules.steps_per_epoch(self.graph.num_edges, config.train.batch_size)
+    self.num_steps = schedules.total_steps(config.train, self.per_epoch)
+    self.model = model_lib.create_model(config.model, self.dataset.num_users,
+                                        self.dataset.num_items)
+    self.tx = optim.create_optimizer(config.train, self.num_steps)
+    root = jax.random.PRNGKey(config.seed)
+    self.init_rng, self.order_rng, self.step_rng = jax.random.split(root, 3)
+
+  def initial_state(self) -> state_lib.TrainState:
+    with jax.default_device(self.devices[0]):
+      return state_lib.create_train_state(self.model, self.tx, self.init_rng,
+                                self.config.train.embedding_update)
+
+  def abstract_state(self):
+    shapes = jax.eval_shape(lambda: state_lib.create_train_state(self.model, self.tx, self.init_rng,
+                                                       self.config.train.embedding_update))
+    return checkpointing.abstract_like(shapes, self.devices[0])
+
+  def checkpointer(self, workdir: str) -> checkpointing.Checkpointer:
+    return checkpointing.Checkpointer(workdir, every_steps=self.config.checkpoint.every_steps,
+                                      max_to_keep=self.config.checkpoint.max_to_keep)
+
+  def best_checkpointer(self, workdir: str) -> checkpointing.Checkpointer:
+    """Keeps the checkpoint with the best validation `eval.best_metric`."""
+    return checkpointing.Checkpointer(workdir, every_steps=1, max_to_keep=1,
+                                      subdir="checkpoints_best", keep_best=True)
+
+  @property
+  def has_validation(self) -> bool:
+    return self.dataset.num_valid > 0
+
+  def evaluate(self, params, step: int, split: str = "test") -> dict:
+    """Evaluates on "valid" (training items known) or "test" (training + validation known)."""
+    if split == "valid":
+      users, items, known = self.dataset.valid_users, self.dataset.valid_items, self.graph
+    elif split == "test":
+      users, items = self.dataset.test_users, self.dataset.test_items
+      known = self.known_at_test
+    else:
+      raise ValueError(f"Unknown split {split!r}; expected 'valid' or 'test'.")
+    return evaluate_lib.evaluate(self.model, params, self.graph, users, items, self.config.eval,
+                                 step=step, split=split, known=known)
+
+  @functools.cached_property
+  def known_at_test(self) -> graph_lib.BipartiteGraph:
+    """Training plus validation pairs: what a test ranking must not count as new."""
+    if not self.has_validation:
+      return self.graph
+    d = self.dataset
+    return graph_lib.build_graph(np.concatenate([d.train_users, d.valid_users]),
+                                 np.concatenate([d.train_items, d.valid_items]),
+                                 d.num_users, d.num_items)
+
+  def selection_score(self, record: dict) -> float:
+    """The value of `eval.best_metric` ("mode/metric") in a record's first protocol."""
+    mode, name = self.config.eval.best_metric.split("/")
+    try:
+      return record["metrics"][mode][name]
+    except KeyError:
+      raise ValueError(f"config.eval.best_metric={self.config.eval.best_metric!r} names no "
+                       f"metric; available modes {sorted(record['metrics'])}.") from None
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        step: int | None = None, which: str = "latest") -> dict:
+  """Restores a checkpoint and evaluates it on test without training.
+
+  which="latest" takes `step` (latest if None) from WORKDIR/checkpoints; which="best" takes the
+  best-by-validation checkpoint from WORKDIR/checkpoints_best.
+  """
+  exp = Experiment(config)
+  params, step = restore_params(exp, workdir, step, which)
+  record = exp.evaluate(params, step, "test")
+  record["checkpoint"] = which
+  if jax.process_index() == 0:
+    writer = reporting.MetricsWriter(workdir)
+    writer.write_eval(record)
+    writer.close()
+  return record
+
+
+def restore_params(exp: Experiment, workdir: str, step: int | None,
+                   which: str) -> tuple[dict, int]:
+  """(parameters, step) of checkpoint `which` ("latest", at `step` if given, or "best").
+
+  The optimizer state is dropped as soon as it is read: at Alibaba size its moments are 2.4 GB
+  that encoding and scoring do not need.
+  """
+  if which not in ("latest", "best"):
+    raise ValueError(f"Unknown checkpoint choice {which!r}; expected 'latest' or 'best'.")
+  ckpt = exp.checkpointer(workdir) if which == "latest" else exp.best_checkpointer(workdir)
+  if which == "best":
+    step = ckpt.best_step()
+    if step is None:
+      raise FileNotFoundError(f"No best checkpoint under {ckpt.directory}: the run had no "
+                              "validation split (config.data.valid_fraction) or no evaluation.")
+  state = ckpt.restore(exp.abstract_state(), step, exp.config.to_dict())
+  ckpt.close()
+  return state.params, int(state.step)

@@ -1,0 +1,112 @@
+"""The training loop: resume, step, log, evaluate on validation, checkpoint, test the best."""
+
+import functools
+import time
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from hashgnn_jax.data import graph as graph_lib
+from hashgnn_jax.evaluation import reporting
+from hashgnn_jax import experiment as experiment_lib
+from hashgnn_jax.train import sampler
+from hashgnn_jax.train import step as step_lib
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from WORKDIR/checkpoints if present), evaluates, returns the final record."""
+  exp = experiment_lib.Experiment(config)
+  devices = exp.devices
+  logging.info("Devices: %d local (%s); dataset: %s", len(devices), devices[0].platform,
+               exp.dataset.summary())
+  is_main = jax.process_index() == 0
+  writer = reporting.MetricsWriter(workdir) if is_main else None
+  ckpt = exp.checkpointer(workdir)
+
+  config_dict = config.to_dict()
+  state = exp.initial_state()
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(exp.abstract_state(), config_dict=config_dict)
+    logging.info("Resumed from step %d.", int(state.step))
+
+  replicated, shard_ids = step_lib.device_layout(devices)
+  # The step returns state replicated over `devices`; giving it the same layout from the start
+  # keeps the first call from tracing a second time.
+  state = jax.device_put(state, replicated)
+  graph = graph_lib.to_device(exp.graph, replicated)
+  order_fn = jax.jit(functools.partial(sampler.epoch_order, num_edges=exp.graph.num_edges),
+                     out_shardings=replicated)
+  set_sizes = step_lib.fit_set_sizes(config, graph, devices)
+  p_train_step = step_lib.make_stepper(exp.model, exp.tx, config, exp.per_epoch, devices, set_sizes)
+  best = exp.best_checkpointer(workdir)
+
+  def periodic_eval(state, step):
+    """Validation (keeping the best) when the data has it; otherwise a look at test."""
+    split = "valid" if exp.has_validation else "test"
+    record = exp.evaluate(state.params, step, split)
+    if split == "valid":
+      best.save(step, state, config_dict, force=True, score=exp.selection_score(record))
+    if writer:
+      writer.write_eval(record)
+    logging.info("\n%s", reporting.format_table(record))
+
+  step = int(state.step)
+  epoch, edge_order, metrics = None, None, None
+  log_every = config.train.log_every_steps
+  window_start, window_steps = time.perf_counter(), 0
+  logging.info("Training steps %d..%d (%d per epoch, batch %d on %d devices).", step,
+               exp.num_steps, exp.per_epoch, config.train.batch_size, len(devices))
+  while step < exp.num_steps:
+    if step // exp.per_epoch != epoch:
+      epoch = step // exp.per_epoch
+      edge_order = order_fn(exp.order_rng, epoch)
+    previous = metrics
+    state, metrics = p_train_step(state, graph, edge_order, exp.step_rng, shard_ids)
+    # At most two steps in flight: with dozens queued, XLA's CPU runtime deadlocked in the
+    # all-reduce of fake devices on 2 cores (BUILD_NOTES.md); one queued step keeps a GPU busy.
+    jax.block_until_ready(previous)
+    step += 1
+    window_steps += 1
+    if step % log_every == 0 or step == exp.num_steps:
+      scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      elapsed = time.perf_counter() - window_start
+      scalars["steps_per_second"] = window_steps / max(elapsed, 1e-9)
+      eta = (exp.num_steps - step) / scalars["steps_per_second"]
+      logging.info("step %d/%d  loss %.4f (cross %.4f, rank %.4f)  p %.3f  %.1f steps/s  ETA %.0fs",
+                   step, exp.num_steps, scalars["loss"], scalars["cross_loss"],
+                   scalars["rank_loss"], scalars["guidance_p"], scalars["steps_per_second"], eta)
+      if not np.isfinite(scalars["loss"]):
+        raise FloatingPointError(f"Loss became {scalars['loss']} at step {step}.")
+      if writer:
+        writer.write_train(step, scalars)
+      window_start, window_steps = time.perf_counter(), 0
+    ckpt.save(step, state, config_dict)
+    every_eval = config.eval.every_steps
+    if every_eval > 0 and step % every_eval == 0 and step < exp.num_steps:
+      periodic_eval(state, step)
+
+  ckpt.save(step, state, config_dict, force=step not in ckpt.all_steps())
+  ckpt.close()
+  if not exp.has_validation:
+    record = exp.evaluate(state.params, step, "test")
+  else:
+    # The final state competes for "best" too; the test split is scored on the winner only.
+    if step not in best.all_steps():
+      periodic_eval(state, step)
+    best.wait()
+    best_step = best.best_step()
+    logging.info("Testing the best checkpoint by validation %s: step %d.",
+                 config.eval.best_metric, best_step)
+    # Free the training state and device graph first: at Alibaba size a second state (table and
+    # both moments) is another 3.7 GB.
+    del state, graph
+    best_params = best.restore(exp.abstract_state(), best_step, config_dict).params
+    record = exp.evaluate(best_params, best_step, "test")
+    record["checkpoint"] = "best"
+  best.close()
+  if writer:
+    writer.write_eval(record)
+    writer.close()
+  return record

@@ -1,0 +1,56 @@
+"""The training state: parameters, optimizer state and the sampler's scratch, and its creation."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from hashgnn_jax import config_lib
+from hashgnn_jax.data import graph as graph_lib
+from hashgnn_jax.model import network as model_lib
+from hashgnn_jax.train import optim
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: steps taken so far.
+  params: flax.core.FrozenDict
+  opt_state: optax.OptState
+  # [num_nodes + 1] scratch of `graph_lib.unique_nodes`, all empty between steps; carried (and
+  # donated) so de-duplication costs O(batch) rather than a fresh catalogue-sized array per step.
+  node_marks: jax.Array
+
+
+
+def split_embedding(params) -> tuple[jax.Array, dict]:
+  """(the ID-embedding table [N, E], every other parameter)."""
+  dense = {k: v for k, v in params.items() if k != "embedding"}
+  return params["embedding"]["embedding"], dense
+
+
+def join_embedding(table: jax.Array, dense: dict) -> dict:
+  return {**dense, "embedding": {"embedding": table}}
+
+
+def create_train_state(model: model_lib.HashGNN, tx: optax.GradientTransformation,
+                       rng: jax.Array, embedding_update: str = "rowwise") -> TrainState:
+  """Initial parameters (from a one-node dummy tree) and optimizer state.
+
+  With row-wise updates, `tx` optimises every parameter but the table, whose Adam moments live in
+  an `optim.RowAdamState`; with dense updates `tx` optimises everything.
+  """
+  num_layers = len(model.hidden_dims)
+  dummy = graph_lib.sampled_tree_graph(
+      jnp.zeros((1 + num_layers,), jnp.int32),
+      jnp.zeros((num_layers,), bool), 1, (1,) * num_layers)
+  params = model.init(rng, dummy, 1, (1,) * num_layers)["params"]
+  if embedding_update == "dense":
+    opt_state = tx.init(params)
+  elif embedding_update == "rowwise":
+    table, dense = split_embedding(params)
+    opt_state = {"dense": tx.init(dense), "rows": optim.row_adam_init(table)}
+  else:
+    raise ValueError(f"config.train.embedding_update={embedding_update!r} is not one of "
+                     f"{config_lib.EMBEDDING_UPDATES}.")
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                    node_marks=graph_lib.empty_marks(model.num_nodes))

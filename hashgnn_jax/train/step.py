@@ -1,0 +1,200 @@
+"""The pmapped train step: sample a batch on the device, encode, and update, all in one jit.
+
+`make_stepper` wraps it with the trimmed-set fallback the training loop calls.
+"""
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from hashgnn_jax.data import graph as graph_lib
+from hashgnn_jax.model import losses
+from hashgnn_jax.model import network as model_lib
+from hashgnn_jax.train import optim
+from hashgnn_jax.train import sampler
+from hashgnn_jax.train import schedules
+from hashgnn_jax.train import state as state_lib
+
+AXIS = "batch"
+
+
+
+def local_batch_size(config: ml_collections.ConfigDict, devices: list[jax.Device]) -> int:
+  """Each device's share of `config.train.batch_size`, which the devices must divide."""
+  batch_size, num_devices = config.train.batch_size, len(devices)
+  if batch_size % num_devices:
+    raise ValueError(f"config.train.batch_size={batch_size} must be divisible by the number of "
+                     f"devices ({num_devices}).")
+  return batch_size // num_devices
+
+
+def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict, per_epoch: int,
+                    devices: list[jax.Device], set_sizes: tuple[int, ...] | None = None):
+  """The pmapped step: (state, graph, edge_order, rng, shard_ids) -> (state, metrics).
+
+  state, graph, edge_order and rng go in unreplicated (in_axes None); shard_ids, a device-resident
+  arange over devices, is the one mapped input. State and metrics come back unreplicated.
+  set_sizes ("node" mode, `sampler.fit_set_sizes`) bounds the node sets; a step whose sample does
+  not fit them on some device changes nothing and reports metrics["trimmed"] = 0 (`make_stepper`
+  then runs it untrimmed).
+  """
+  batch_size = config.train.batch_size
+  local = local_batch_size(config, devices)
+  fanouts = tuple(config.sampler.fanouts)
+  num_negatives = config.sampler.num_negatives
+  num_targets = local * (2 + num_negatives)
+  width = model.hash_bits if config.guidance.granularity == "element" else 1
+  share = config.guidance.share_positive_draw and config.guidance.granularity == "node"
+  schedule = schedules.create_guidance_schedule(config.guidance, per_epoch)
+
+  node_mode = config.sampler.mode == "node"
+  rowwise = config.train.embedding_update == "rowwise"
+  learning_rate = schedules.create_learning_rate(
+      config.train, schedules.total_steps(config.train, per_epoch))
+
+  def sample(graph, edge_ids, keys, sample_key, marks):
+    """The batch's sample and the embedding rows it reads: (sample, ids [S], valid [S], marks)."""
+    if node_mode:
+      blocks, marks = sampler.sample_blocks(graph, edge_ids, keys, sample_key, marks,
+                                            fanouts=fanouts, num_negatives=num_negatives,
+                                            sizes=set_sizes)
+      return blocks, blocks.nodes, blocks.valid, marks
+    trees = sampler.sample_batch(graph, edge_ids, keys, fanouts=fanouts,
+                                 num_negatives=num_negatives)
+    if not rowwise:
+      return trees, None, None, marks
+    # The trees repeat nodes; differentiate each distinct row once.
+    ids, valid, slots, marks = graph_lib.unique_nodes(
+        trees.nodes, jnp.ones(trees.nodes.shape, bool),
+        min(trees.nodes.shape[0], graph.num_nodes), marks)
+    return (trees, slots), ids, valid, marks
+
+  def codes(params, batch, rows):
+    """z [b·(2+T), K] of the batch's targets; rows [S, E] are the touched rows (row-wise)."""
+    if node_mode:
+      return model.apply({"params": params}, batch, rows, method=model_lib.HashGNN.encode_blocks)
+    if rows is None:
+      return model.apply({"params": params}, batch, num_targets, fanouts)
+    trees, slots = batch
+    return model.apply({"params": params}, trees, num_targets, fanouts, rows[slots])
+
+  def train_step(state, graph, edge_order, rng, shard_id):
+    within = shard_id * local + jnp.arange(local, dtype=jnp.int32)  # Position in global batch.
+    edge_ids = edge_order[(state.step % per_epoch) * batch_size + within]
+    sample_key, guide_key = jax.random.split(jax.random.fold_in(rng, state.step))
+    batch, row_ids, row_valid, marks = sample(
+        graph, edge_ids, sampler.example_keys(sample_key, within), sample_key, state.node_marks)
+    p = schedule(state.step)
+    keep = sampler.draw_keep_continuous(jax.random.bits(guide_key, (), jnp.uint32), within, p,
+                                        num_negatives=num_negatives, width=width,
+                                        share_positive=share)
+
+    def loss_fn(params, rows=None):
+      z = codes(params, batch, rows)
+      return losses.hashgnn_loss(model_lib.guided_codes(z, keep), local, config.loss,
+                                 model.hash_bits)
+
+    # False when some device's sample overflowed set_sizes: the step then updates nothing.
+    complete = True
+    if set_sizes is not None:
+      complete = jax.lax.psum(jnp.logical_not(batch.complete).astype(jnp.int32), AXIS) == 0
+    if rowwise:
+      table, dense = state_lib.split_embedding(state.params)
+      # Padding slots read row 0, reach no target, and get no update (their ids lie past the
+      # table, which the update drops).
+      rows = table.at[jnp.where(row_valid, row_ids, 0)].get(mode="promise_in_bounds")  # [S, E]
+      row_ids = jnp.where(row_valid & complete, row_ids, graph.num_nodes)
+      (grads, row_grads), metrics = jax.grad(
+          lambda d, r: loss_fn(state_lib.join_embedding(table, d), r), argnums=(0, 1),
+          has_aux=True)(dense, rows)
+      row_ids, row_grads, marks = optim.combine_row_grads(row_ids, row_grads, marks, AXIS)
+      table, rows_state = optim.row_adam_update(table, state.opt_state["rows"], row_ids,
+                                                row_grads, learning_rate=learning_rate)
+    else:
+      dense = state.params
+      grads, metrics = jax.grad(loss_fn, has_aux=True)(dense)
+    # Each device's loss is a mean over its equal share, so the mean of gradients is the
+    # gradient of the global-batch mean.
+    grads = jax.lax.pmean(grads, AXIS)
+    metrics = jax.lax.pmean(metrics, AXIS)
+    dense_state = state.opt_state["dense"] if rowwise else state.opt_state
+    updates, dense_state = tx.update(grads, dense_state, dense)
+    params = optax.apply_updates(dense, updates)
+    if set_sizes is not None:
+      # Rows were kept from the update above; the rest is small, except in dense mode's table.
+      keep_old = lambda new, old: jnp.where(complete, new, old)
+      params = jax.tree.map(keep_old, params, dense)
+      dense_state = jax.tree.map(keep_old, dense_state,
+                                 state.opt_state["dense"] if rowwise else state.opt_state)
+      if rowwise:
+        rows_state = rows_state.replace(
+            count=keep_old(rows_state.count, state.opt_state["rows"].count))
+      metrics["trimmed"] = jnp.asarray(complete, jnp.float32)
+    if rowwise:
+      params = state_lib.join_embedding(table, params)
+      opt_state = {"dense": dense_state, "rows": rows_state}
+    else:
+      opt_state = dense_state
+    metrics["guidance_p"] = jnp.asarray(p, jnp.float32)
+    return state.replace(step=state.step + jnp.asarray(complete, jnp.int32), params=params,
+                         opt_state=opt_state, node_marks=marks), metrics
+
+  # Donating the state lets XLA update the table and its moments in place: without it, each step
+  # copies them whole, which at Alibaba size costs more than the batch's own work.
+  return jax.pmap(train_step, axis_name=AXIS, in_axes=(None, None, None, None, 0),
+                  out_axes=(None, None), devices=devices, donate_argnums=(0,))
+
+
+def fit_set_sizes(config: ml_collections.ConfigDict, graph: graph_lib.DeviceGraph,
+                  devices: list[jax.Device]) -> tuple[int, ...] | None:
+  """`make_train_step`'s set_sizes for `config.sampler.trim_sets` (None: untrimmed), logged."""
+  trim = config.sampler.trim_sets
+  if trim == "auto":
+    trim = "always" if devices[0].platform == "cpu" else "never"
+  if config.sampler.mode != "node" or trim == "never":
+    return None
+  sizes = sampler.fit_set_sizes(graph, local_batch_size(config, devices),
+                                fanouts=tuple(config.sampler.fanouts),
+                                num_negatives=config.sampler.num_negatives, seed=config.seed)
+  logging.info("Node sets per device trimmed to %s slots.", sizes or "(none: sets near full)")
+  return sizes
+
+
+def make_stepper(model: model_lib.HashGNN, tx: optax.GradientTransformation,
+                 config: ml_collections.ConfigDict, per_epoch: int, devices: list[jax.Device],
+                 set_sizes: tuple[int, ...] | None):
+  """The step the train loop calls: `make_train_step`'s, on trimmed sets where a batch fits them.
+
+  With set_sizes, each step runs trimmed and the host reads whether it fitted (so it waits for
+  every step); a step that did not is run again untrimmed, a second step function compiled on
+  first use. metrics["trimmed"] says which one ran.
+  """
+  untrimmed = make_train_step(model, tx, config, per_epoch, devices)
+  if set_sizes is None:
+    return untrimmed
+  trimmed = make_train_step(model, tx, config, per_epoch, devices, set_sizes)
+
+  def step(state, graph, edge_order, rng, shard_ids):
+    state, metrics = trimmed(state, graph, edge_order, rng, shard_ids)
+    if float(metrics["trimmed"]):
+      return state, metrics
+    logging.info("Step %d: a sample overflowed the trimmed node sets; ran untrimmed.",
+                 int(state.step))
+    state, metrics = untrimmed(state, graph, edge_order, rng, shard_ids)
+    metrics["trimmed"] = jnp.zeros((), jnp.float32)
+    return state, metrics
+
+  return step
+
+
+def device_layout(devices: list[jax.Device]) -> tuple[jax.sharding.Sharding, jax.Array]:
+  """The replicated sharding over `devices`, and the step's mapped input: shard ids [n]."""
+  mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  shard_ids = jax.device_put(np.arange(len(devices), dtype=np.int32),
+                             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS)))
+  return replicated, shard_ids

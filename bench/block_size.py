@@ -4,7 +4,7 @@
       [--users=4096] [--repeats=5] [--quick] [--out=block_size.json]
 
 `retrieval._MAX_BLOCK_SIZE` caps the automatic block size per platform: 64 on CPU, 128 elsewhere,
-from one H200 (BUILD_NOTES.md, "On a GPU"), where blocks of 64 made XLA split the K = 64 key pass
+from one H200 (docs/experiments.md, "On a GPU"), where blocks of 64 made XLA split the K = 64 key pass
 into six kernels. This script times one `ItemIndex.search` call of --users users per block size
 and mode at a Table 4 shape (random codes, as bench/retrieval.py makes them), so a new card or
 a new XLA can be checked in a minute. Every block size must return the same ids (the search is

@@ -19,7 +19,7 @@
 # left, and a stage with under a minute left is skipped (listed, not failed), so a lease of fixed
 # length returns the most important results first. STAGES (comma-separated names as logged, unset:
 # all) runs only those. On one H100, stage 1 took 93 s and stage 2 about 55 s per case, most of it
-# the first step's compilation; on one H200, stage 5 took 92 s (BUILD_NOTES.md, "On a GPU").
+# the first step's compilation; on one H200, stage 5 took 92 s (docs/experiments.md, "On a GPU").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench_out}"

@@ -83,12 +83,12 @@ def default_config() -> ml_collections.ConfigDict:
   config.sampler.fanouts = (10, 5)
   config.sampler.num_negatives = 5  # Paper: 5 triplets per positive.
   # node: distinct nodes sample once per hop and are computed once (GraphSAGE minibatch);
-  # tree: every target gets its own sampled tree (authors' code). sampler.py has the details.
+  # tree: every target gets its own sampled tree (authors' code). train/sampler.py has the details.
   config.sampler.mode = "node"
   # node mode: bound the node sets by sizes fitted on a few sampled batches where the sets are big
   # and that cuts a tenth of their slots (exact: a batch that does not fit runs again untrimmed;
   # the host waits for each step to know). auto: on CPU devices, whose steps are long; always;
-  # never. sampler.fit_set_sizes has the rule.
+  # never. train/sampler.fit_set_sizes has the rule.
   config.sampler.trim_sets = "auto"
 
   config.model = ml_collections.ConfigDict()
@@ -123,7 +123,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.loss.rank_weight = 0.5  # lambda.
   config.loss.margin = 0.2  # alpha (hinge only).
   # Inner products of ±1 codes lie in [-K, K] and saturate the sigmoid unscaled, yet unscaled
-  # logits measured best (BUILD_NOTES.md, "Logit scale").
+  # logits measured best (BUILD_NOTES.md, "Choices made by measurement").
   config.loss.logit_scale = "none"
 
   config.train = ml_collections.ConfigDict()

@@ -1,6 +1,7 @@
 """Checksums and atomic writes shared by the data cache, results and exports.
 
-Kept free of JAX and TensorBoard imports, so a serving process can load an export without them.
+Standard library only, so the data stage, the results record and exports share it without
+pulling in anything else.
 """
 
 import hashlib

@@ -4,7 +4,7 @@ XLA:CPU mallocs an executable's temporaries (123 MB for the Gowalla-size step at
 every call and frees them afterwards. glibc hands blocks above its mmap threshold (32 MiB at
 most), and any block too big for a thread's secondary arena, to fresh `mmap`s and unmaps them
 on free, so every call faults in and zeroes its buffers again: 30k page faults per Gowalla/4096
-train step, ~20% of the step on the 2-core CPU (BUILD_NOTES, "Reusing freed host memory").
+train step, ~20% of the step on the 2-core CPU (docs/experiments.md, "Reusing freed host memory").
 The cost is that up to ~`max_block_bytes` of freed memory stays in the process (its RSS) for the
 next call instead of going back to the kernel. It was measured only for XLA:CPU, so `main.py`
 applies it only where `jax_runs_on_cpu_only()`; on a GPU or TPU host the step's temporaries live

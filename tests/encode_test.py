@@ -46,3 +46,14 @@ def test_encode_matches_numpy_for_any_chunks(kind):
     z = encode.encode_nodes(model, params, graph, edge_chunk=edge_chunk, row_chunk=row_chunk)
     assert z.shape == (num_users + num_items, 6)
     np.testing.assert_allclose(z, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_encode_a_graph_without_edges():
+  graph = graph_lib.build_graph(np.zeros(0, np.int64), np.zeros(0, np.int64), 3, 2)
+  config = config_lib.default_config().model
+  config.aggregator, config.embed_dim, config.hidden_dims, config.hash_bits = "sage", 4, (5, 3), 6
+  model = model_lib.create_model(config, 3, 2)
+  tree = graph_lib.sampled_tree_graph(np.zeros(3, np.int32), np.ones(2, bool), 1, (1, 1))
+  params = model.init(jax.random.PRNGKey(2), tree, 1, (1, 1))["params"]
+  z = encode.encode_nodes(model, params, graph, edge_chunk=4)
+  np.testing.assert_allclose(z, _numpy_encode(params, graph, "sage"), rtol=1e-4, atol=1e-5)

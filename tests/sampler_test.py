@@ -35,7 +35,7 @@ def test_build_graph_csr():
     graph_lib.build_graph(np.array([0]), np.array([2]), 2, 2)
 
 
-def test_degrees_are_computed_once_and_read_only(monkeypatch):
+def test_degrees_and_edge_rows_are_computed_once_and_read_only(monkeypatch):
   graph = graph_lib.build_graph(np.array([0, 0, 1]), np.array([1, 0, 1]), 2, 2)
   calls = []
   diff = np.diff
@@ -46,6 +46,9 @@ def test_degrees_are_computed_once_and_read_only(monkeypatch):
   assert len(calls) == 1 and graph.max_user_degree == 2
   with pytest.raises(ValueError, match="read-only"):
     graph.degrees[0] = 5
+  # The receiving row of each CSR entry, as encoding reads it.
+  np.testing.assert_array_equal(graph.edge_rows, [0, 0, 1, 2, 3, 3])
+  assert graph.edge_rows is graph.edge_rows and graph.edge_rows.dtype == np.int32
 
 
 def test_layer_sizes_prefixes():

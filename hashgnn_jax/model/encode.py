@@ -15,16 +15,14 @@ from hashgnn_jax.data import graph as graph_lib
 from hashgnn_jax.model import network as model_lib
 
 
-@functools.partial(jax.jit, static_argnames=("edge_chunk",))
-def _chunked_neighbour_sums(x, indptr, indices, *, edge_chunk):
-  """Full-graph `model.neighbour_sums` over the CSR [N + 1], [2E], one edge chunk at a time.
+@functools.partial(jax.jit, static_argnames=("num_nodes", "edge_chunk"))
+def _chunked_neighbour_sums(x, senders, receivers, *, num_nodes, edge_chunk):
+  """Full-graph `model.neighbour_sums` over the CSR's edges [2E], one edge chunk at a time.
 
-  The CSR is read as it is: a chunk's receivers are found by binary search in `indptr`, and the
-  last chunk ends at the last edge, re-reading edges of the one before with weight 0. So no
-  per-edge array is built or padded on the host: at Alibaba size that was 57M entries per
-  evaluation.
+  The arrays are the graph's own (`indices`, `edge_rows`), not padded copies: the last chunk ends
+  at the last edge and gives weight 0 to the edges of the one before that it reads again.
   """
-  num_nodes, num_edges = indptr.shape[0] - 1, indices.shape[0]
+  num_edges = senders.shape[0]
   sums = jnp.zeros((num_nodes, x.shape[1]), x.dtype)
   degree = jnp.zeros((num_nodes,), x.dtype)
   if num_edges == 0:
@@ -35,11 +33,9 @@ def _chunked_neighbour_sums(x, indptr, indices, *, edge_chunk):
   def body(i, carry):
     first = i * chunk
     start = jnp.minimum(first, num_edges - chunk)
-    positions = start + offsets  # [chunk]
-    receivers = jnp.searchsorted(indptr, positions, side="right").astype(jnp.int32) - 1
-    weights = (positions >= first).astype(x.dtype)  # 0 on edges the previous chunk summed.
-    senders = jax.lax.dynamic_slice_in_dim(indices, start, chunk)
-    s, d = model_lib.neighbour_sums(x, senders, receivers, weights, num_nodes)
+    window = lambda a: jax.lax.dynamic_slice_in_dim(a, start, chunk)
+    weights = (start + offsets >= first).astype(x.dtype)  # 0 on edges already summed.
+    s, d = model_lib.neighbour_sums(x, window(senders), window(receivers), weights, num_nodes)
     return carry[0] + s, carry[1] + d
 
   return jax.lax.fori_loop(0, -(-num_edges // chunk), body, (sums, degree))
@@ -79,13 +75,14 @@ def encode_nodes(model: model_lib.HashGNN, params, graph: graph_lib.BipartiteGra
   num_nodes = graph.num_nodes
   if len(graph.indices) >= 2**31:
     raise ValueError("More than 2**31 directed edges do not fit int32 indices.")
-  indptr = jnp.asarray(graph.indptr.astype(np.int32))  # [N + 1]
-  indices = jnp.asarray(graph.indices)  # [2E]
+  senders = jnp.asarray(graph.indices)  # [2E]
+  receivers = jnp.asarray(graph.edge_rows)  # [2E]
 
   by_rows = functools.partial(_apply_by_rows, model, params, row_chunk=row_chunk)
   x = model.apply({"params": params}, method=model_lib.HashGNN.embed_all)  # [N, D]
   for layer in range(len(model.hidden_dims)):
-    sums, degree = _chunked_neighbour_sums(x, indptr, indices, edge_chunk=edge_chunk)
+    sums, degree = _chunked_neighbour_sums(x, senders, receivers, num_nodes=num_nodes,
+                                           edge_chunk=edge_chunk)
     x = by_rows(x, sums, degree, method="aggregate", layer=layer)
     del sums, degree  # Before the next layer's sums exist: 1.2-2.4 GB each at Alibaba size.
   z = by_rows(x, jnp.arange(num_nodes, dtype=jnp.int32), method="hash", layer=None)

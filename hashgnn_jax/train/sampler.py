@@ -242,11 +242,11 @@ def sample_blocks(graph: graph_lib.DeviceGraph, edge_ids: jax.Array, keys: jax.A
 # Fitted set sizes: the largest count seen while fitting, times this, rounded up to a multiple of
 # _SET_SIZE_ALIGN. Counts vary little between batches (Gowalla-size graph, batch 4096: the
 # targets' distinct count was 21,206-21,244 over three batches), and a batch that does not fit
-# costs one more step, untrimmed (`train.make_stepper`).
+# costs one more step, untrimmed (`train.step.make_stepper`).
 _SET_SIZE_MARGIN = 1.03
 _SET_SIZE_ALIGN = 128
 # Trimming costs a fit (~5 s on the 2-core CPU, mostly compiling the sampler) and a host wait per
-# step (`train.make_stepper`), so it is kept for steps big enough to repay that: at least this
+# step (`train.step.make_stepper`), so it is kept for steps big enough to repay that: at least this
 # saving in summed set sizes, from sets of at least this many slots. The default job (11,792
 # slots, a 12% saving) trained in 73-78 s trimmed against 53 s untrimmed; at MovieLens size (the
 # benchmark configuration; 21,284 and 29,238 slots, savings of 25% and 17%) trimmed steps took

@@ -12,7 +12,15 @@ import ml_collections
 
 from hashgnn_jax.data import formats
 
-VARIANTS = ("paper", "authors_code")
+# The paper's comparison set (Sec. 5.2.2) besides HashGNN itself ("paper") and the authors' code.
+VARIANTS = ("paper", "authors_code", "graphsage", "lsh", "hashgnn_sp", "hash_ste", "hashnet",
+            "hash_gumb", "hashgnn_nr", "mf", "bprmf")
+# Variants that start from another variant's trained run (config.train.init_from names its
+# workdir): the prerequisite of each.
+VARIANT_STAGES = {"lsh": "graphsage", "hashgnn_sp": "graphsage"}
+HASH_METHODS = ("guided", "continuation", "gumbel", "random_projection", "identity")
+ENCODERS = ("gnn", "embedding")
+TRAINABLE = ("all", "hash", "none")
 AGGREGATORS = ("gcn", "sage")
 GRANULARITIES = ("element", "node")
 SCHEDULES = ("exponential", "linear", "constant")
@@ -104,6 +112,24 @@ def default_config() -> ml_collections.ConfigDict:
   config.model.separate_hash_layers = False  # Authors: one hash layer for users, one for items.
   config.model.init = "glorot"  # Dense kernels. normal: N(0, 0.02), the paper's; glorot: authors'.
   config.model.embed_init_std = 0.1  # ID embeddings ~ N(0, std²); the paper uses 0.02.
+  # gnn: the hash layer reads the GNN's output; embedding: the layer-0 features themselves (MF:
+  # no GNN parameters; the sampler still draws neighbours, which nothing reads).
+  config.model.encoder = "gnn"
+
+  # How training turns the hash layer's logits a = W u + b into codes; evaluation always takes
+  # z = tanh(a) (identity: z = u) and its signs.
+  config.hash = ml_collections.ConfigDict()
+  # guided: tanh(a) mixed with its STE sign by the guidance mask (HashGNN); continuation:
+  # tanh(β a), β growing (HashNet); gumbel: each bit a two-way Gumbel-softmax sample at
+  # temperature τ; random_projection: a = u·R with fixed Gaussian R, no hash layer (LSH);
+  # identity: z = u, no hash layer (needs model.encoder='embedding'; u has hash_bits dimensions).
+  config.hash.method = "guided"
+  config.hash.beta_delay_steps = 200  # continuation: β = 1 for this many steps, then
+  config.hash.beta_doubling_steps = 200  # doubles every so many steps.
+  config.hash.tau_init = 1.0  # gumbel: τ starts here and halves every tau_half_life_steps,
+  config.hash.tau_half_life_steps = 500
+  config.hash.tau_min = 0.05  # down to this floor.
+  config.hash.projection_seed = 0  # random_projection: seeds R.
 
   config.guidance = ml_collections.ConfigDict()
   config.guidance.granularity = "element"  # element: Q per bit; node: one Q per node row.
@@ -140,6 +166,12 @@ def default_config() -> ml_collections.ConfigDict:
   config.train.num_steps = -1  # >0 overrides num_epochs.
   config.train.num_devices = -1  # -1: all local devices.
   config.train.log_every_steps = 100
+  # A trained run's workdir whose encoder (ID embeddings, input and GNN layers) starts this run:
+  # its best checkpoint if it kept one, else its latest. The hash layer starts fresh.
+  config.train.init_from = ""
+  # all; hash: only the hash layer learns (the encoder stays as init_from left it); none: no
+  # training step at all, the run only evaluates (LSH).
+  config.train.trainable = "all"
 
   config.eval = ml_collections.ConfigDict()
   config.eval.modes = ("hamming", "hierarchical", "continuous")
@@ -149,6 +181,8 @@ def default_config() -> ml_collections.ConfigDict:
   # The first is the record's "metrics"; all land in its "by_protocol".
   config.eval.protocols = ("standard", "paper")
   config.eval.num_candidates = 500  # M: Hamming candidates re-ranked in hierarchical search.
+  # More values of M, each evaluated as a mode of its own named "hierarchical@M".
+  config.eval.extra_candidates = ()
   config.eval.paper_candidates = 500
   config.eval.exclude_train = True  # standard protocol: drop known items from the ranking.
   config.eval.tie_seed = 0
@@ -172,11 +206,19 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
-  """Returns `config` switched to a named variant: 'paper' or 'authors_code'."""
+  """Returns `config` switched to a named variant, one of VARIANTS.
+
+  'paper' is the paper's HashGNN and 'authors_code' the authors' TF settings; the others are the
+  paper's comparison set (Sec. 5.2.2), each a change of a few fields. 'lsh' and 'hashgnn_sp'
+  start from a trained 'graphsage' run: set config.train.init_from to its workdir
+  (`python -m hashgnn_jax.compare` does).
+  """
   if variant in (None, "", "paper"):
     return config
-  if variant != "authors_code":
+  if variant not in VARIANTS:
     raise ValueError(f"Unknown config variant {variant!r}; expected one of {VARIANTS}.")
+  if variant != "authors_code":
+    return _COMPARISON_VARIANTS[variant](config)
   # What the authors' public TF code does where it departs from the paper.
   config.model.embed_dim = 120
   config.model.input_dense = 68
@@ -197,6 +239,77 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
   config.loss.logit_scale = "none"
   config.train.num_epochs = 20.0
   return config
+
+
+def _fixed_guidance(config: ml_collections.ConfigDict, p: float) -> ml_collections.ConfigDict:
+  config.guidance.schedule = "constant"
+  config.guidance.init = config.guidance.floor = p
+  return config
+
+
+def _graphsage(config):
+  """The continuous model alone (p = 1 throughout); its Hamming codes are sign(z)."""
+  return _fixed_guidance(config, 1.0)
+
+
+def _lsh(config):
+  """graphsage's trained encoder, hashed by K seeded random hyperplanes; nothing is trained."""
+  config.hash.method = "random_projection"
+  config.train.trainable = "none"
+  return config
+
+
+def _hashgnn_sp(config):
+  """Two stages: graphsage's trained encoder frozen, a fresh hash layer trained on it."""
+  config.train.trainable = "hash"
+  return config
+
+
+def _hash_ste(config):
+  """The straight-through sign from the first step (p = 0)."""
+  return _fixed_guidance(config, 0.0)
+
+
+def _hashnet(config):
+  """z = tanh(β a) with β growing from 1 (HashNet's continuation); sign(z) at evaluation."""
+  config.hash.method = "continuation"
+  return config
+
+
+def _hash_gumb(config):
+  """Each bit a two-way Gumbel-softmax over {−1, +1}, annealed; exact ±1 codes at evaluation."""
+  config.hash.method = "gumbel"
+  return config
+
+
+def _hashgnn_nr(config):
+  """HashGNN without the ranking loss (λ = 0)."""
+  config.loss.rank_weight = 0.0
+  return config
+
+
+def _mf(config):
+  """ID embeddings without the GNN: the hash layer reads the embedding; the same losses."""
+  config.model.encoder = "embedding"
+  return config
+
+
+def _bprmf(config):
+  """Plain BPR matrix factorisation on continuous embeddings; sign(u) for Hamming search."""
+  config.model.encoder = "embedding"
+  config.model.input_dense = 0
+  config.hash.method = "identity"
+  config.loss.cross_weight = 0.0
+  config.loss.rank = "bpr"
+  config.loss.rank_weight = 1.0
+  return config
+
+
+_COMPARISON_VARIANTS = {
+  "graphsage": _graphsage, "lsh": _lsh, "hashgnn_sp": _hashgnn_sp, "hash_ste": _hash_ste,
+  "hashnet": _hashnet, "hash_gumb": _hash_gumb, "hashgnn_nr": _hashgnn_nr, "mf": _mf,
+  "bprmf": _bprmf,
+}
 
 
 def _check_choice(value, choices, key):
@@ -304,6 +417,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice(config.sampler.trim_sets, TRIM_SETS, "sampler.trim_sets")
   _check_choice(config.model.aggregator, AGGREGATORS, "model.aggregator")
   _check_choice(config.model.init, ("normal", "glorot"), "model.init")
+  _check_choice(config.model.encoder, ENCODERS, "model.encoder")
+  _check_choice(config.hash.method, HASH_METHODS, "hash.method")
+  _check_choice(config.train.trainable, TRAINABLE, "train.trainable")
+  if config.hash.method == "identity" and (config.model.encoder != "embedding"
+                                            or config.model.input_dense > 0):
+    raise ValueError("config.hash.method='identity' serves the ID embedding itself as the code: "
+                     "it needs config.model.encoder='embedding' and config.model.input_dense=0.")
+  if config.hash.beta_delay_steps < 0:
+    raise ValueError(f"config.hash.beta_delay_steps={config.hash.beta_delay_steps} must be >= 0.")
+  _check_positive(config.hash.beta_doubling_steps, "hash.beta_doubling_steps")
+  _check_positive(config.hash.tau_half_life_steps, "hash.tau_half_life_steps")
+  if not 0.0 < config.hash.tau_min <= config.hash.tau_init:
+    raise ValueError(f"config.hash.tau_min={config.hash.tau_min} must lie in (0, "
+                     f"config.hash.tau_init={config.hash.tau_init}].")
+  if config.train.trainable != "all" and not config.train.init_from:
+    raise ValueError(
+        f"config.train.trainable={config.train.trainable!r} keeps the encoder as it starts, so it "
+        "needs config.train.init_from: the workdir of a trained run (e.g. the graphsage "
+        "variant's).")
+  for i, m in enumerate(config.eval.extra_candidates):
+    _check_positive(m, f"eval.extra_candidates[{i}]")
   _check_choice(config.guidance.granularity, GRANULARITIES, "guidance.granularity")
   _check_choice(config.guidance.schedule, SCHEDULES, "guidance.schedule")
   _check_choice(config.loss.logit_scale, LOGIT_SCALES, "loss.logit_scale")
@@ -339,6 +473,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_positive(cutoff, f"eval.cutoffs[{i}]")
   if config.eval.sample_seed < 0:
     raise ValueError(f"config.eval.sample_seed={config.eval.sample_seed} must be >= 0.")
+  for m in config.eval.extra_candidates:
+    if m < min(config.eval.cutoffs):
+      raise ValueError(f"config.eval.extra_candidates holds {m}, below every cutoff "
+                       f"{tuple(config.eval.cutoffs)}: its mode would report nothing.")
   for key in ("num_candidates", "paper_candidates"):
     if "hierarchical" in config.eval.modes and config.eval[key] < max(config.eval.cutoffs):
       raise ValueError(

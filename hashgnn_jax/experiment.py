@@ -7,6 +7,8 @@ checkpoint restore that evaluation and export share.
 
 import functools
 
+from absl import logging
+
 import jax
 import ml_collections
 import numpy as np
@@ -44,17 +46,27 @@ class Experiment:
     self.graph = graph_lib.build_graph(self.dataset.train_users, self.dataset.train_items,
                                        self.dataset.num_users, self.dataset.num_items)
     self.per_epoch = schedules.steps_per_epoch(self.graph.num_edges, config.train.batch_size)
-    self.num_steps = schedules.total_steps(config.train, self.per_epoch)
+    # trainable "none" (LSH) trains nothing: the loop saves the initial state and evaluates it.
+    self.num_steps = (0 if config.train.trainable == "none"
+                      else schedules.total_steps(config.train, self.per_epoch))
     self.model = model_lib.create_model(config.model, self.dataset.num_users,
-                                        self.dataset.num_items)
+                                        self.dataset.num_items, config.hash)
     self.tx = optim.create_optimizer(config.train, self.num_steps)
     root = jax.random.PRNGKey(config.seed)
     self.init_rng, self.order_rng, self.step_rng = jax.random.split(root, 3)
 
   def initial_state(self) -> state_lib.TrainState:
+    """Fresh parameters, the encoder's taken from `train.init_from`'s run when it names one."""
     with jax.default_device(self.devices[0]):
-      return state_lib.create_train_state(self.model, self.tx, self.init_rng,
-                                self.config.train.embedding_update)
+      state = state_lib.create_train_state(self.model, self.tx, self.init_rng,
+                                           self.config.train.embedding_update)
+      source = self.config.train.init_from
+      if not source:
+        return state
+      trained, which, step = checkpointing.trained_params(source)
+      params = state_lib.with_encoder_of(state.params, trained, source=source)
+      logging.info("Encoder from %s (%s checkpoint, step %d).", source, which, step)
+      return state.replace(params=params)
 
   def abstract_state(self):
     shapes = jax.eval_shape(lambda: state_lib.create_train_state(self.model, self.tx, self.init_rng,

@@ -1,4 +1,5 @@
-"""Tests for hashgnn_jax.evaluation.evaluate: chunking and user sampling leave the metrics' meaning intact."""
+"""Tests for hashgnn_jax.evaluation.evaluate: chunking and user sampling leave the metrics'
+meaning intact."""
 
 import numpy as np
 import pytest
@@ -94,3 +95,30 @@ def test_progress_is_logged_with_an_eta(monkeypatch, caplog):
     monkeypatch.setattr(evaluate, "PROGRESS_SECONDS", 30.0)
     evaluate.evaluate_codes(codes, graph, users, items, _eval_config(user_chunk=10))
   assert not [r for r in caplog.records if r.getMessage().startswith("Evaluation:")]
+
+
+def test_extra_candidates_are_hierarchical_modes_of_their_own():
+  codes, graph, users, items = _problem()
+  both = evaluate.evaluate_codes(codes, graph, users, items,
+                                 _eval_config(extra_candidates=(12, 20)))
+  for m in (12, 20):
+    alone = evaluate.evaluate_codes(codes, graph, users, items,
+                                    _eval_config(num_candidates=m, paper_candidates=m))
+    for protocol in ("standard", "paper"):
+      assert (both["by_protocol"][protocol][f"hierarchical@{m}"]
+              == alone["by_protocol"][protocol]["hierarchical"])
+  assert both["by_protocol"]["standard"]["hierarchical"] == evaluate.evaluate_codes(
+      codes, graph, users, items, _eval_config())["by_protocol"]["standard"]["hierarchical"]
+
+
+def test_an_extra_depth_below_the_largest_cutoff_reports_the_cutoffs_it_reaches():
+  codes, graph, users, items = _problem()
+  shallow = evaluate.evaluate_codes(codes, graph, users, items, _eval_config(extra_candidates=(7,)))
+  alone = evaluate.evaluate_codes(codes, graph, users, items,
+                                  _eval_config(cutoffs=(5,), num_candidates=7, paper_candidates=7))
+  for protocol in ("standard", "paper"):
+    got = shallow["by_protocol"][protocol]["hierarchical@7"]
+    want = alone["by_protocol"][protocol]["hierarchical"]
+    assert set(got) == {"hr@5", "ndcg@5"} and got["hr@5"] == want["hr@5"]
+    if protocol == "standard":  # The authors' NDCG reads every hit retrieved, 7 here, not 5.
+      assert got == want

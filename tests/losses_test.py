@@ -78,3 +78,19 @@ def test_total_loss(rank, scale_kind, scale):
 def test_unknown_scale_rejected():
   with pytest.raises(ValueError, match="logit scale"):
     losses.logit_scale("cosine", 32)
+
+
+@pytest.mark.parametrize("dropped", ["rank_weight", "cross_weight"])
+def test_a_zero_weight_leaves_its_term_out_of_loss_and_gradient(dropped):
+  import jax  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(dict(
+      cross_weight=0.7, rank="hinge", rank_weight=0.5, margin=0.2, logit_scale="none"))
+  config[dropped] = 0.0
+  codes = jnp.asarray(_codes(k=4))
+  kept = losses.cross_entropy_loss if dropped == "rank_weight" else (
+      lambda pos, neg: losses.hinge_rank_loss(pos, neg, 0.2))
+  weight = config.cross_weight if dropped == "rank_weight" else config.rank_weight
+  alone = lambda c: weight * kept(*losses.pair_scores(c, 3, 1.0))
+  total = lambda c: losses.hashgnn_loss(c, 3, config, hash_bits=4)[0]
+  np.testing.assert_array_equal(total(codes), alone(codes))
+  np.testing.assert_array_equal(jax.grad(total)(codes), jax.grad(alone)(codes))

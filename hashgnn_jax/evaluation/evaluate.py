@@ -100,7 +100,14 @@ def evaluate_codes(codes: np.ndarray, graph: graph_lib.BipartiteGraph, split_use
 
   index = retrieval.ItemIndex(item_codes, tie_seed=eval_config.tie_seed)
   popularity = popularity_lib.ScoreRanking(graph.item_degrees(), tie_order=index.tie_order)
-  modes = tuple(eval_config.modes) + ("popularity",)
+  # More hierarchical depths, each a mode of its own ("hierarchical@100"), for both protocols.
+  # M candidates rank M items, so such a mode reports the cutoffs up to M only.
+  extra = {f"hierarchical@{m}": int(m) for m in eval_config.get("extra_candidates", ())}
+  for m in extra.values():
+    if m > num_items:
+      raise ValueError(f"config.eval.extra_candidates holds {m}, more than the catalogue's "
+                       f"{num_items} items.")
+  modes = tuple(eval_config.modes) + tuple(extra) + ("popularity",)
   hits = {(p, m): [] for p in eval_config.protocols for m in modes}
   seconds = dict.fromkeys(hits, 0.0)
   progress = _Progress(-(-len(eval_users) // eval_config.user_chunk), len(eval_users))
@@ -117,15 +124,19 @@ def evaluate_codes(codes: np.ndarray, graph: graph_lib.BipartiteGraph, split_use
           ranked = popularity.top(num_results=num_results, exclude=exclude,
                                   num_users=None if exclude is not None else len(chunk_users))
         else:
-          ranked, _ = index.search(user_codes[chunk_users], mode=mode, num_results=num_results,
-                                   num_candidates=candidates[protocol], exclude=exclude)
+          search_mode = "hierarchical" if mode in extra else mode
+          ranked, _ = index.search(user_codes[chunk_users], mode=search_mode,
+                                   num_results=min(num_results, extra.get(mode, num_results)),
+                                   num_candidates=extra.get(mode, candidates[protocol]),
+                                   exclude=exclude)
         seconds[protocol, mode] += time.perf_counter() - start
         hits[protocol, mode].append(metrics_lib.hit_matrix(
             ranked[:real], chunk_users[:real], split_users[pairs], split_items[pairs], num_items))
     progress.update(done)
   by_protocol = {
       p: {m: metrics_lib.summarize(metrics_lib.ranking_metrics(
-          np.concatenate(hits[p, m]), num_held_out, cutoffs, protocol=p)) for m in modes}
+          np.concatenate(hits[p, m]), num_held_out,
+          tuple(n for n in cutoffs if n <= extra.get(m, n)), protocol=p)) for m in modes}
       for p in eval_config.protocols}
   return {
       "by_protocol": by_protocol,

@@ -80,7 +80,7 @@ def encode_nodes(model: model_lib.HashGNN, params, graph: graph_lib.BipartiteGra
 
   by_rows = functools.partial(_apply_by_rows, model, params, row_chunk=row_chunk)
   x = model.apply({"params": params}, method=model_lib.HashGNN.embed_all)  # [N, D]
-  for layer in range(len(model.hidden_dims)):
+  for layer in range(model.num_layers):
     sums, degree = _chunked_neighbour_sums(x, senders, receivers, num_nodes=num_nodes,
                                            edge_chunk=edge_chunk)
     x = by_rows(x, sums, degree, method="aggregate", layer=layer)

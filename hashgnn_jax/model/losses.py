@@ -59,5 +59,9 @@ def hashgnn_loss(codes: jax.Array, num_examples: int, loss_config,
     rank = bpr_loss(pos, neg)
   else:
     raise ValueError(f"Unknown rank loss {loss_config.rank!r}; expected 'hinge' or 'bpr'.")
-  total = loss_config.cross_weight * cross + loss_config.rank_weight * rank
+  # A zero weight leaves its term out of the graph, not multiplied by 0: a NaN or inf there
+  # (a saturated sigmoid, say) must not reach the loss or the gradient of a run without it.
+  terms = [weight * value for weight, value in ((loss_config.cross_weight, cross),
+                                                (loss_config.rank_weight, rank)) if weight]
+  total = sum(terms[1:], terms[0]) if terms else jnp.zeros((), cross.dtype)
   return total, {"loss": total, "cross_loss": cross, "rank_loss": rank}

@@ -10,6 +10,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from hashgnn_jax.data import graph as graph_lib
 
@@ -37,6 +38,23 @@ def guided_codes(z: jax.Array, keep_continuous: jax.Array) -> jax.Array:
   """Guidance mix ĥ = Q⊙z + (1−Q)⊙sign(z); Q broadcasts from [T, 1] (node) or [T, K] (element)."""
   q = keep_continuous.astype(z.dtype)
   return q * z + (1.0 - q) * ste_sign(z)
+
+
+def continuation_codes(logits: jax.Array, beta: jax.Array) -> jax.Array:
+  """HashNet's tanh(β a): smooth for β = 1, and sign(a) in the limit of large β."""
+  return jnp.tanh(beta * logits)
+
+
+def gumbel_codes(logits: jax.Array, uniform: jax.Array, tau: jax.Array) -> jax.Array:
+  """Relaxed two-way Gumbel-softmax bits over {−1, +1}, E[·] in (−1, 1): [N, K].
+
+  With class logits (a, 0) for (+1, −1), the relaxed sample softmax((a + g₊, g₋)/τ) · (+1, −1)
+  equals tanh((a + g₊ − g₋) / 2τ), and g₊ − g₋ of two standard Gumbels is a standard logistic
+  draw, log(u) − log(1 − u) for u uniform in (0, 1): one draw per bit, not two. Its hard sample
+  is +1 with probability σ(a) at every τ; evaluation takes the most probable bit, sign(a).
+  """
+  noise = jnp.log(uniform) - jnp.log1p(-uniform)
+  return jnp.tanh((logits + noise) / (2.0 * tau))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -158,7 +176,13 @@ class MeanAggregator(nn.Module):
 
 
 class HashGNN(nn.Module):
-  """Encodes node ids into continuous codes z = tanh(W u + b) of `hash_bits` dimensions."""
+  """Encodes node ids into continuous codes z = tanh(W u + b) of `hash_bits` dimensions.
+
+  `encoder` "embedding" skips the GNN layers (u is the layer-0 feature: MF); `hash_method`
+  "random_projection" replaces W by a fixed Gaussian matrix (LSH) and "identity" serves u itself
+  (BPR-MF; u then has hash_bits dimensions). Training reads the logits a = W u + b
+  (`logits=True`) and makes codes of them as its method says (`train.step`).
+  """
 
   num_nodes: int
   num_users: int
@@ -172,6 +196,13 @@ class HashGNN(nn.Module):
   separate_hash_layers: bool
   init_scheme: str
   embed_init_std: float
+  encoder: str = "gnn"
+  hash_method: str = "guided"
+  projection_seed: int = 0
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.hidden_dims) if self.encoder == "gnn" else 0
 
   def setup(self):
     init = _kernel_init(self.init_scheme)
@@ -182,11 +213,20 @@ class HashGNN(nn.Module):
       self.input_layer = nn.Dense(self.input_dense, use_bias=self.use_bias, kernel_init=init)
     self.layers = [
         MeanAggregator(dim, self.aggregator, self.use_bias, self.slope, self.init_scheme)
-        for dim in self.hidden_dims
+        for dim in self.hidden_dims[:self.num_layers]
     ]
+    if self.hash_method in ("random_projection", "identity"):
+      return  # No hash layer to learn.
     self.user_hash = nn.Dense(self.hash_bits, kernel_init=init)
     if self.separate_hash_layers:
       self.item_hash = nn.Dense(self.hash_bits, kernel_init=init)
+
+  @property
+  def representation_dim(self) -> int:
+    """Width of u, what the hash layer reads."""
+    if self.num_layers:
+      return self.hidden_dims[-1]
+    return self.input_dense if self.input_dense > 0 else self.embed_dim
 
   def embed(self, node_ids: jax.Array) -> jax.Array:
     """Layer-0 features of nodes: [N] int -> [N, D]."""
@@ -210,27 +250,43 @@ class HashGNN(nn.Module):
     """Applies GNN layer `layer` given precomputed neighbour sums and degrees."""
     return self.layers[layer](x_dst, sums, degree)
 
-  def hash(self, x: jax.Array, node_ids: jax.Array) -> jax.Array:
-    """Continuous codes z in (-1, 1): [N, D], [N] -> [N, K]."""
-    z = self.user_hash(x)
+  def hash_logits(self, x: jax.Array, node_ids: jax.Array) -> jax.Array:
+    """The hash layer's pre-activation a: [N, D], [N] -> [N, K]."""
+    if self.hash_method == "identity":
+      return x
+    if self.hash_method == "random_projection":
+      # Seeded, not learned: a constant of the module, the same at every call.
+      planes = jax.random.normal(jax.random.PRNGKey(self.projection_seed),
+                                 (self.representation_dim, self.hash_bits), x.dtype)  # [D, K]
+      return x @ planes
+    a = self.user_hash(x)
     if self.separate_hash_layers:
-      z = jnp.where((node_ids < self.num_users)[:, None], z, self.item_hash(x))
-    return jnp.tanh(z)
+      a = jnp.where((node_ids < self.num_users)[:, None], a, self.item_hash(x))
+    return a
+
+  def hash(self, x: jax.Array, node_ids: jax.Array) -> jax.Array:
+    """Continuous codes z, in (-1, 1) but for identity codes: [N, D], [N] -> [N, K]."""
+    a = self.hash_logits(x, node_ids)
+    return a if self.hash_method == "identity" else jnp.tanh(a)
 
   def __call__(self, graph: graph_lib.GraphsTuple, num_targets: int,
-               fanouts: tuple[int, ...], rows: jax.Array | None = None) -> jax.Array:
-    """z of the first `num_targets` nodes of a `graph_lib.sampled_tree_graph`: [T, K].
+               fanouts: tuple[int, ...], rows: jax.Array | None = None,
+               logits: bool = False) -> jax.Array:
+    """z (or with `logits`, a) of the first `num_targets` nodes of a sampled tree graph: [T, K].
 
     rows [num nodes, E]: the nodes' embedding rows, when the caller gathered them.
     """
     x = self.embed(graph.nodes) if rows is None else self.features(rows)
-    for layer, (num_dst, num_edges) in enumerate(graph_lib.layer_sizes(num_targets, fanouts)):
+    sizes = graph_lib.layer_sizes(num_targets, fanouts)[:self.num_layers]
+    for layer, (num_dst, num_edges) in enumerate(sizes):
       sums, degree = tree_neighbour_sums(x, graph.edges[:num_edges], num_targets, fanouts, num_dst)
       x = self.aggregate(layer, x[:num_dst], sums, degree)
-    return self.hash(x, graph.nodes[:num_targets])
+    hash_fn = self.hash_logits if logits else self.hash
+    return hash_fn(x[:num_targets], graph.nodes[:num_targets])
 
-  def encode_blocks(self, blocks, rows: jax.Array | None = None) -> jax.Array:
-    """z of every target of a `sampler.NodeBlocks` sample: [b·(2+T), K].
+  def encode_blocks(self, blocks, rows: jax.Array | None = None,
+                    logits: bool = False) -> jax.Array:
+    """z (or with `logits`, a) of every target of a `sampler.NodeBlocks` sample: [b·(2+T), K].
 
     rows [S_H, E]: embedding rows of `blocks.nodes`, when the caller gathered them. Layer l runs
     on set H−1−l, so the last layer sees the targets' fanouts[0] neighbours (GraphSAGE order).
@@ -238,21 +294,28 @@ class HashGNN(nn.Module):
     node_ids = jnp.where(blocks.valid, blocks.nodes, 0)  # Padding ids lie past the table.
     x = materialize(self.embed(node_ids) if rows is None else self.features(rows))  # [S_H, D]
     num_hops = len(blocks.neighbours)
-    for layer in range(num_hops):
+    for layer in range(self.num_layers):
       hop = num_hops - 1 - layer
       mask = blocks.masks[hop]  # [S_h, f]
       sums = gather_sum(x.shape[0], x, blocks.neighbours[hop], mask)  # [S_h, D]
       x = self.aggregate(layer, x[:mask.shape[0]], sums, mask.sum(axis=1, dtype=x.dtype))
-    z = self.hash(x, node_ids[:x.shape[0]])  # [S_0, K]
-    return z[blocks.targets]
+    # Sets nest as prefixes, so the targets' set 0 leads whatever set x covers now.
+    x = x[:blocks.masks[0].shape[0]]  # [S_0, D]
+    hash_fn = self.hash_logits if logits else self.hash
+    return hash_fn(x, node_ids[:x.shape[0]])[blocks.targets]
 
 
-def create_model(model_config, num_users: int, num_items: int) -> HashGNN:
-  """Builds the model from `config.model` for a graph of the given size."""
+def create_model(model_config, num_users: int, num_items: int, hash_config=None) -> HashGNN:
+  """Builds the model from `config.model` (and `config.hash`, default: HashGNN's guided codes)
+  for a graph of the given size."""
+  if hash_config is None:
+    hash_config = ml_collections.ConfigDict({"method": "guided", "projection_seed": 0})
+  identity = hash_config.method == "identity"
   return HashGNN(
       num_nodes=num_users + num_items,
       num_users=num_users,
-      embed_dim=model_config.embed_dim,
+      # Identity codes are the embedding itself, so it has the codes' width.
+      embed_dim=model_config.hash_bits if identity else model_config.embed_dim,
       input_dense=model_config.input_dense,
       hidden_dims=tuple(model_config.hidden_dims),
       aggregator=model_config.aggregator,
@@ -262,4 +325,7 @@ def create_model(model_config, num_users: int, num_items: int) -> HashGNN:
       separate_hash_layers=model_config.separate_hash_layers,
       init_scheme=model_config.init,
       embed_init_std=model_config.embed_init_std,
+      encoder=model_config.encoder,
+      hash_method=hash_config.method,
+      projection_seed=hash_config.projection_seed,
   )

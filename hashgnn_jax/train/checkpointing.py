@@ -95,6 +95,30 @@ class Checkpointer:
     self._manager.close()
 
 
+def trained_params(workdir: str) -> tuple[dict, str, int]:
+  """(parameters as host arrays, "best" or "latest", step) of the run in `workdir`.
+
+  Its best checkpoint by validation if it kept one, else its latest. Restored as saved, with no
+  target structure, so a run of other settings (a variant without a hash layer, say) can read
+  the parts it shares.
+  """
+  for subdir, which in (("checkpoints_best", "best"), ("checkpoints", "latest")):
+    directory = os.path.join(os.path.abspath(workdir), subdir)
+    if not os.path.isdir(directory):
+      continue
+    with ocp.CheckpointManager(directory) as manager:
+      step = manager.best_step() if which == "best" else manager.latest_step()
+      if which == "best" and step is None:
+        step = manager.latest_step()  # Its metrics are not read back without the options.
+      if step is None:
+        continue
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+      return jax.device_get(restored.state["params"]), which, int(step)
+  raise FileNotFoundError(f"No checkpoint under {workdir}/checkpoints_best or "
+                          f"{workdir}/checkpoints: config.train.init_from must name the workdir "
+                          "of a trained run.")
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict:
   """{'a': {'b': 1}} -> {'a.b': 1}."""
   flat = {}

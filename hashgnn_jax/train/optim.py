@@ -154,10 +154,27 @@ def row_adam_update(table: jax.Array, state: RowAdamState, ids: jax.Array, grads
       nu=state.nu.at[ids].set(nu, mode="drop"))
 
 
+# Parameters of the hash layer(s): what `train.trainable="hash"` leaves to learn.
+HASH_LAYERS = ("user_hash", "item_hash")
+
+
 def create_optimizer(train_config, num_steps: int) -> optax.GradientTransformation:
-  """Adam on the learning-rate schedule of a run of `num_steps` (the cosine's length)."""
+  """Adam on the learning-rate schedule of a run of `num_steps` (the cosine's length).
+
+  With `train.trainable` "hash", every parameter outside HASH_LAYERS gets a zero update (the
+  row-wise table is skipped by the step itself), so the encoder stays bit for bit as it started.
+  """
   if train_config.lr_schedule == "constant" and train_config.warmup_steps == 0:
     # A float, not a schedule: optax then keeps no step count in Adam's state, so constant-rate
     # runs keep the checkpoint structure they had before schedules existed, and can resume.
-    return optax.adam(train_config.learning_rate)
-  return optax.adam(schedules.create_learning_rate(train_config, num_steps))
+    adam = optax.adam(train_config.learning_rate)
+  else:
+    adam = optax.adam(schedules.create_learning_rate(train_config, max(num_steps, 1)))
+  if train_config.get("trainable", "all") == "all":
+    return adam
+
+  def labels(params):
+    return {name: jax.tree.map(lambda _, n=name: "train" if n in HASH_LAYERS else "freeze", sub)
+            for name, sub in params.items()}
+
+  return optax.multi_transform({"train": adam, "freeze": optax.set_to_zero()}, labels)

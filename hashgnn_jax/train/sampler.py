@@ -307,12 +307,26 @@ def draw_keep_continuous(seed: jax.Array, positions: jax.Array, p: jax.Array, *,
   does not depend on the device count; vmapped threefry keys took 6-9 ms for the 917k draws of
   batch 4096 at K = 32 on CPU, this 0.6 ms. p resolves to 2**-24.
   """
+  q = _example_uniforms(seed, positions, num_negatives=num_negatives, width=width) < p
+  if share_positive:
+    q = q.at[:, 1].set(q[:, 0])
+  return _targets_major(q)
+
+
+def _example_uniforms(seed: jax.Array, positions: jax.Array, *, num_negatives: int,
+                      width: int) -> jax.Array:
+  """Uniforms in [0, 1) on a 2**-24 grid per (example, target, slot): [b, 2+T, width]."""
   rows = 2 + num_negatives
   counter = (positions.astype(jnp.uint32)[:, None, None] * jnp.uint32(rows * width)
              + jnp.arange(rows, dtype=jnp.uint32)[:, None] * jnp.uint32(width)
              + jnp.arange(width, dtype=jnp.uint32))  # [b, 2+T, width], distinct below 2**32
-  uniform = (_counter_hash(counter, seed) >> 8).astype(jnp.float32) * 2.0**-24  # [0, 1)
-  q = uniform < p
-  if share_positive:
-    q = q.at[:, 1].set(q[:, 0])
-  return _targets_major(q)
+  return (_counter_hash(counter, seed) >> 8).astype(jnp.float32) * 2.0**-24
+
+
+def target_uniforms(seed: jax.Array, positions: jax.Array, *, num_negatives: int,
+                    width: int) -> jax.Array:
+  """Uniform draws in [0, 1) for every target row of a batch: positions [b] ->
+  [b·(2+T), width], hashed from (seed, position in the global batch, target, slot) as the
+  guidance mask is, so they do not depend on the device count."""
+  return _targets_major(
+      _example_uniforms(seed, positions, num_negatives=num_negatives, width=width))

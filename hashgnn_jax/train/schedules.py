@@ -1,4 +1,5 @@
-"""Step counts and the per-step schedules of a run: guidance probability p(t) and lr(t)."""
+"""Step counts and the per-step schedules of a run: guidance p(t), lr(t), HashNet's β(t) and the
+Gumbel temperature τ(t)."""
 
 import jax.numpy as jnp
 import optax
@@ -38,6 +39,21 @@ def create_guidance_schedule(guidance_config, per_epoch: int) -> optax.Schedule:
     return lambda step: jnp.maximum(floor, init - decrement * (step // every))
   raise ValueError(f"config.guidance.schedule={guidance_config.schedule!r} is not one of "
                    f"{config_lib.SCHEDULES}.")
+
+
+def create_beta_schedule(hash_config) -> optax.Schedule:
+  """β(step) of HashNet's continuation tanh(β a): 1, then doubling every `beta_doubling_steps`
+  once `beta_delay_steps` have passed, so tanh(β a) tends to sign(a)."""
+  delay, doubling = hash_config.beta_delay_steps, hash_config.beta_doubling_steps
+  return lambda step: 2.0 ** (jnp.maximum(step - delay, 0) / doubling)
+
+
+def create_temperature_schedule(hash_config) -> optax.Schedule:
+  """τ(step) of the Gumbel-softmax bits: tau_init halving every `tau_half_life_steps`, floored
+  at tau_min (a relaxed bit tends to its hard sample as τ -> 0)."""
+  init, floor = hash_config.tau_init, hash_config.tau_min
+  half_life = hash_config.tau_half_life_steps
+  return lambda step: jnp.maximum(floor, init * 2.0 ** (-step / half_life))
 
 
 def create_learning_rate(train_config, num_steps: int) -> optax.Schedule:

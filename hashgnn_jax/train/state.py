@@ -32,6 +32,30 @@ def join_embedding(table: jax.Array, dense: dict) -> dict:
   return {**dense, "embedding": {"embedding": table}}
 
 
+def with_encoder_of(params: dict, trained: dict, *, source: str) -> dict:
+  """`params` with every encoder parameter (all but the hash layers) taken from `trained`.
+
+  The hash layer keeps its fresh initialisation. Raises ValueError naming the parameter where
+  `trained` (another run's, read from `source`) lacks one or has another shape.
+  """
+  flat, restored = flax.traverse_util.flatten_dict(params), flax.traverse_util.flatten_dict(trained)
+  merged = {}
+  for path, value in flat.items():
+    if path[0] in optim.HASH_LAYERS:
+      merged[path] = value
+      continue
+    name = "/".join(path)
+    if path not in restored:
+      raise ValueError(f"config.train.init_from={source!r}: its run has no parameter {name}; "
+                       "the two runs' encoders (model settings) differ.")
+    if restored[path].shape != value.shape:
+      raise ValueError(f"config.train.init_from={source!r}: parameter {name} has shape "
+                       f"{restored[path].shape} there, {value.shape} here; the two runs' "
+                       "model settings differ.")
+    merged[path] = jnp.asarray(restored[path], value.dtype)
+  return flax.traverse_util.unflatten_dict(merged)
+
+
 def create_train_state(model: model_lib.HashGNN, tx: optax.GradientTransformation,
                        rng: jax.Array, embedding_update: str = "rowwise") -> TrainState:
   """Initial parameters (from a one-node dummy tree) and optimizer state.

@@ -50,6 +50,10 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
   width = model.hash_bits if config.guidance.granularity == "element" else 1
   share = config.guidance.share_positive_draw and config.guidance.granularity == "node"
   schedule = schedules.create_guidance_schedule(config.guidance, per_epoch)
+  method = config.hash.method
+  beta = schedules.create_beta_schedule(config.hash)
+  tau = schedules.create_temperature_schedule(config.hash)
+  update_table = config.train.trainable == "all"
 
   node_mode = config.sampler.mode == "node"
   rowwise = config.train.embedding_update == "rowwise"
@@ -73,14 +77,33 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
         min(trees.nodes.shape[0], graph.num_nodes), marks)
     return (trees, slots), ids, valid, marks
 
+  # HashNet and Gumbel codes are made from the logits a; the others from the model's own z.
+  from_logits = method in ("continuation", "gumbel")
+
   def codes(params, batch, rows):
-    """z [b·(2+T), K] of the batch's targets; rows [S, E] are the touched rows (row-wise)."""
+    """z (or a) [b·(2+T), K] of the batch's targets; rows [S, E] are the touched rows."""
     if node_mode:
-      return model.apply({"params": params}, batch, rows, method=model_lib.HashGNN.encode_blocks)
+      return model.apply({"params": params}, batch, rows, logits=from_logits,
+                         method=model_lib.HashGNN.encode_blocks)
     if rows is None:
-      return model.apply({"params": params}, batch, num_targets, fanouts)
+      return model.apply({"params": params}, batch, num_targets, fanouts, logits=from_logits)
     trees, slots = batch
-    return model.apply({"params": params}, trees, num_targets, fanouts, rows[slots])
+    return model.apply({"params": params}, trees, num_targets, fanouts, rows[slots],
+                       logits=from_logits)
+
+  def training_codes(out, step, keep, noise_seed, within):
+    """The codes the losses see, from `codes`' output [b·(2+T), K], by `config.hash.method`."""
+    if method == "continuation":
+      return model_lib.continuation_codes(out, beta(step))
+    if method == "gumbel":
+      # Drawn per (example, target, bit) like the guidance mask, so the device count does not
+      # change them; centred in their 2**-24 bins, so log(u) and log(1 - u) stay finite.
+      uniform = sampler.target_uniforms(noise_seed, within, num_negatives=num_negatives,
+                                        width=model.hash_bits) + 2.0**-25
+      return model_lib.gumbel_codes(out, uniform, tau(step))
+    if method == "identity":
+      return out  # z = u: trained as it is served.
+    return model_lib.guided_codes(out, keep)  # z mixed with its STE sign (p = 1: z itself).
 
   def train_step(state, graph, edge_order, rng, shard_id):
     within = shard_id * local + jnp.arange(local, dtype=jnp.int32)  # Position in global batch.
@@ -93,10 +116,11 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
                                         num_negatives=num_negatives, width=width,
                                         share_positive=share)
 
+    noise_seed = jax.random.bits(jax.random.fold_in(guide_key, 1), (), jnp.uint32)
+
     def loss_fn(params, rows=None):
-      z = codes(params, batch, rows)
-      return losses.hashgnn_loss(model_lib.guided_codes(z, keep), local, config.loss,
-                                 model.hash_bits)
+      h = training_codes(codes(params, batch, rows), state.step, keep, noise_seed, within)
+      return losses.hashgnn_loss(h, local, config.loss, model.hash_bits)
 
     # False when some device's sample overflowed set_sizes: the step then updates nothing.
     complete = True
@@ -112,8 +136,11 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
           lambda d, r: loss_fn(state_lib.join_embedding(table, d), r), argnums=(0, 1),
           has_aux=True)(dense, rows)
       row_ids, row_grads, marks = optim.combine_row_grads(row_ids, row_grads, marks, AXIS)
-      table, rows_state = optim.row_adam_update(table, state.opt_state["rows"], row_ids,
-                                                row_grads, learning_rate=learning_rate)
+      if update_table:
+        table, rows_state = optim.row_adam_update(table, state.opt_state["rows"], row_ids,
+                                                  row_grads, learning_rate=learning_rate)
+      else:  # A frozen encoder: the table and its moments stay as they are.
+        rows_state = state.opt_state["rows"]
     else:
       dense = state.params
       grads, metrics = jax.grad(loss_fn, has_aux=True)(dense)

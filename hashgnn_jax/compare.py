@@ -35,7 +35,6 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 
 from absl import app
@@ -281,7 +280,7 @@ def execute_run(command: list[str], directory: str) -> Outcome:
     if os.path.exists(error_path):
       os.remove(error_path)  # From an earlier failed attempt.
     return Outcome("finished", wall_seconds)
-  _write_text_atomic(error_path, "".join(tail))
+  fileio.write_text_atomic(error_path, "".join(tail))
   return Outcome("failed", wall_seconds, error)
 
 
@@ -388,29 +387,8 @@ def collect_results(runs: list[Run], outcomes: dict[str, Outcome], configs: dict
 def write_outputs(out_dir: str, results: dict) -> None:
   """Replaces results.json, table.md and the figures in `out_dir`."""
   fileio.write_json_atomic(os.path.join(out_dir, "results.json"), results)
-  _write_text_atomic(os.path.join(out_dir, "table.md"), format_table(results))
+  fileio.write_text_atomic(os.path.join(out_dir, "table.md"), format_table(results))
   write_plots(results, out_dir)
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-  _write_atomic(path, lambda f: f.write(text.encode()))
-
-
-def _write_atomic(path: str, write) -> None:
-  """Calls `write(binary file)` on a temporary file beside `path`, then renames it over `path`."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_",
-                             suffix=os.path.splitext(path)[1])
-  try:
-    # mkstemp's 0600 would hide the file from other readers; give it plain open()'s mode.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
 
 
 # (d) Table 2.
@@ -580,7 +558,7 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
 
 
 def _save_figure(fig, path: str) -> str:
-  _write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
+  fileio.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
   return path
 
 

@@ -218,7 +218,7 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
   if variant not in VARIANTS:
     raise ValueError(f"Unknown config variant {variant!r}; expected one of {VARIANTS}.")
   if variant != "authors_code":
-    return _COMPARISON_VARIANTS[variant](config)
+    return _set_fields(config, _COMPARISON_VARIANTS[variant])
   # What the authors' public TF code does where it departs from the paper.
   config.model.embed_dim = 120
   config.model.input_dense = 68
@@ -241,75 +241,39 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
   return config
 
 
-def _fixed_guidance(config: ml_collections.ConfigDict, p: float) -> ml_collections.ConfigDict:
-  config.guidance.schedule = "constant"
-  config.guidance.init = config.guidance.floor = p
-  return config
+def _fixed_guidance(p: float) -> dict:
+  return {"guidance.schedule": "constant", "guidance.init": p, "guidance.floor": p}
 
 
-def _graphsage(config):
-  """The continuous model alone (p = 1 throughout); its Hamming codes are sign(z)."""
-  return _fixed_guidance(config, 1.0)
-
-
-def _lsh(config):
-  """graphsage's trained encoder, hashed by K seeded random hyperplanes; nothing is trained."""
-  config.hash.method = "random_projection"
-  config.train.trainable = "none"
-  return config
-
-
-def _hashgnn_sp(config):
-  """Two stages: graphsage's trained encoder frozen, a fresh hash layer trained on it."""
-  config.train.trainable = "hash"
-  return config
-
-
-def _hash_ste(config):
-  """The straight-through sign from the first step (p = 0)."""
-  return _fixed_guidance(config, 0.0)
-
-
-def _hashnet(config):
-  """z = tanh(β a) with β growing from 1 (HashNet's continuation); sign(z) at evaluation."""
-  config.hash.method = "continuation"
-  return config
-
-
-def _hash_gumb(config):
-  """Each bit a two-way Gumbel-softmax over {−1, +1}, annealed; exact ±1 codes at evaluation."""
-  config.hash.method = "gumbel"
-  return config
-
-
-def _hashgnn_nr(config):
-  """HashGNN without the ranking loss (λ = 0)."""
-  config.loss.rank_weight = 0.0
-  return config
-
-
-def _mf(config):
-  """ID embeddings without the GNN: the hash layer reads the embedding; the same losses."""
-  config.model.encoder = "embedding"
-  return config
-
-
-def _bprmf(config):
-  """Plain BPR matrix factorisation on continuous embeddings; sign(u) for Hamming search."""
-  config.model.encoder = "embedding"
-  config.model.input_dense = 0
-  config.hash.method = "identity"
-  config.loss.cross_weight = 0.0
-  config.loss.rank = "bpr"
-  config.loss.rank_weight = 1.0
-  return config
-
-
+# The comparison set: what each variant is, and the fields it sets over HashGNN ("paper").
 _COMPARISON_VARIANTS = {
-  "graphsage": _graphsage, "lsh": _lsh, "hashgnn_sp": _hashgnn_sp, "hash_ste": _hash_ste,
-  "hashnet": _hashnet, "hash_gumb": _hash_gumb, "hashgnn_nr": _hashgnn_nr, "mf": _mf,
-  "bprmf": _bprmf,
+  # The continuous model alone (p = 1 throughout); its Hamming codes are sign(z).
+  "graphsage": _fixed_guidance(1.0),
+  # graphsage's trained encoder, hashed by K seeded random hyperplanes; nothing is trained.
+  "lsh": {"hash.method": "random_projection", "train.trainable": "none"},
+  # Two stages: graphsage's trained encoder frozen, a fresh hash layer trained on it.
+  "hashgnn_sp": {"train.trainable": "hash"},
+  # The straight-through sign from the first step (p = 0).
+  "hash_ste": _fixed_guidance(0.0),
+  # z = tanh(β a) with β growing from 1 (HashNet's continuation); sign(z) at evaluation.
+  "hashnet": {"hash.method": "continuation"},
+  # Each bit a two-way Gumbel-softmax over {−1, +1}, annealed; exact ±1 codes at evaluation.
+  "hash_gumb": {"hash.method": "gumbel"},
+  # HashGNN without the ranking loss (λ = 0).
+  "hashgnn_nr": {"loss.rank_weight": 0.0},
+  # ID embeddings without the GNN: the hash layer reads the embedding; the same losses.
+  "mf": {"model.encoder": "embedding"},
+  # Plain BPR matrix factorisation on continuous embeddings; sign(u) for Hamming search.
+  "bprmf": {"model.encoder": "embedding", "model.input_dense": 0, "hash.method": "identity",
+            "loss.cross_weight": 0.0, "loss.rank": "bpr", "loss.rank_weight": 1.0},
 }
+
+
+def _set_fields(config: ml_collections.ConfigDict, fields: dict) -> ml_collections.ConfigDict:
+  for key, value in fields.items():
+    group, field = key.split(".")
+    config[group][field] = value
+  return config
 
 
 def _check_choice(value, choices, key):

@@ -21,21 +21,34 @@ def file_sha256(path: str) -> str:
   return digest.hexdigest()
 
 
-def write_json_atomic(path: str, obj) -> None:
-  """Writes JSON to a temporary file beside `path`, then renames it over `path`."""
+def write_atomic(path: str, write) -> None:
+  """Calls `write(binary file)` on a temporary file beside `path`, then renames it over `path`.
+
+  A reader sees the old file or the new one, never part of one, and a failed write leaves
+  nothing behind.
+  """
   directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".json")
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=os.path.splitext(path)[1])
   try:
     # mkstemp creates the file 0600; give it the mode a plain open() would, so another user (a
     # serving process, say) can read results and manifests.
     umask = os.umask(0)
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
+    with os.fdopen(fd, "wb") as f:
+      write(f)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)
     raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_json_atomic(path: str, obj) -> None:
+  """Writes JSON to a temporary file beside `path`, then renames it over `path`."""
+  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))

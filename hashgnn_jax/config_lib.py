@@ -121,7 +121,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.hash = ml_collections.ConfigDict()
   # guided: tanh(a) mixed with its STE sign by the guidance mask (HashGNN); continuation:
   # tanh(β a), β growing (HashNet); gumbel: each bit a two-way Gumbel-softmax sample at
-  # temperature τ; random_projection: a = u·R with fixed Gaussian R, no hash layer (LSH);
+  # temperature τ; random_projection: a = tanh(W u + b)·R with a fixed Gaussian R (LSH);
   # identity: z = u, no hash layer (needs model.encoder='embedding'; u has hash_bits dimensions).
   config.hash.method = "guided"
   config.hash.beta_delay_steps = 200  # continuation: β = 1 for this many steps, then
@@ -166,8 +166,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.train.num_steps = -1  # >0 overrides num_epochs.
   config.train.num_devices = -1  # -1: all local devices.
   config.train.log_every_steps = 100
-  # A trained run's workdir whose encoder (ID embeddings, input and GNN layers) starts this run:
-  # its best checkpoint if it kept one, else its latest. The hash layer starts fresh.
+  # A trained run's workdir whose parameters start this run (the encoder: ID embeddings, input and
+  # GNN layers; the hash layer too, except with trainable='hash', which trains a fresh one): its
+  # best checkpoint if it kept one, else its latest.
   config.train.init_from = ""
   # all; hash: only the hash layer learns (the encoder stays as init_from left it); none: no
   # training step at all, the run only evaluates (LSH).
@@ -249,7 +250,7 @@ def _fixed_guidance(p: float) -> dict:
 _COMPARISON_VARIANTS = {
   # The continuous model alone (p = 1 throughout); its Hamming codes are sign(z).
   "graphsage": _fixed_guidance(1.0),
-  # graphsage's trained encoder, hashed by K seeded random hyperplanes; nothing is trained.
+  # graphsage's trained codes, hashed by K seeded random hyperplanes; nothing is trained.
   "lsh": {"hash.method": "random_projection", "train.trainable": "none"},
   # Two stages: graphsage's trained encoder frozen, a fresh hash layer trained on it.
   "hashgnn_sp": {"train.trainable": "hash"},

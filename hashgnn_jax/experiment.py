@@ -56,7 +56,7 @@ class Experiment:
     self.init_rng, self.order_rng, self.step_rng = jax.random.split(root, 3)
 
   def initial_state(self) -> state_lib.TrainState:
-    """Fresh parameters, the encoder's taken from `train.init_from`'s run when it names one."""
+    """Fresh parameters, or `train.init_from`'s run's (see `state.with_trained`)."""
     with jax.default_device(self.devices[0]):
       state = state_lib.create_train_state(self.model, self.tx, self.init_rng,
                                            self.config.train.embedding_update)
@@ -64,8 +64,12 @@ class Experiment:
       if not source:
         return state
       trained, which, step = checkpointing.trained_params(source)
-      params = state_lib.with_encoder_of(state.params, trained, source=source)
-      logging.info("Encoder from %s (%s checkpoint, step %d).", source, which, step)
+      # A run that trains only the hash layer (HashGNN_sp) learns a fresh one.
+      fresh = self.config.train.trainable == "hash"
+      params = state_lib.with_trained(state.params, trained, source=source,
+                                      fresh_hash_layer=fresh)
+      logging.info("Parameters from %s (%s checkpoint, step %d)%s.", source, which, step,
+                   ", a fresh hash layer" if fresh else "")
       return state.replace(params=params)
 
   def abstract_state(self):

@@ -92,19 +92,26 @@ def test_hashgnn_sp_trains_only_the_hash_layer(graphsage_run, tmp_path):
       np.testing.assert_array_equal(value, before[path], err_msg="/".join(path))
 
 
-def test_lsh_codes_are_numpy_projections_of_the_encoders_output(graphsage_run):
+def test_lsh_codes_are_numpy_projections_of_graphsages_codes(graphsage_run):
   source, _ = graphsage_run
+  trained, _, _ = checkpointing.trained_params(source)
   exp = experiment_lib.Experiment(_config("lsh", init_from=source))
   params = exp.initial_state().params
-  assert "user_hash" not in params
+  # LSH starts from every parameter of the graphsage run, its hash layer included.
+  for path, value in flax.traverse_util.flatten_dict(params).items():
+    np.testing.assert_array_equal(value, flax.traverse_util.flatten_dict(trained)[path])
   ids = jnp.arange(exp.graph.num_nodes)
-  x = exp.model.apply({"params": params}, ids, method=model_lib.HashGNN.embed)  # layer 0
+  x = np.asarray(exp.model.apply({"params": params}, ids, method=model_lib.HashGNN.embed))
   z = np.asarray(exp.model.apply({"params": params}, x, ids, method=model_lib.HashGNN.hash))
+  kernel, bias = (np.asarray(params["user_hash"][k], np.float64) for k in ("kernel", "bias"))
+  bits = exp.config.model.hash_bits
   planes = np.asarray(jax.random.normal(jax.random.PRNGKey(exp.config.hash.projection_seed),
-                                        (x.shape[1], exp.config.model.hash_bits)))
-  # hash() projects whatever representation it is given: here the layer-0 features.
-  np.testing.assert_allclose(z, np.tanh(np.asarray(x, np.float64) @ planes), atol=1e-5)
-  np.testing.assert_array_equal(z >= 0, np.asarray(x, np.float64) @ planes >= 0)
+                                        (bits, bits)), np.float64)
+  # hash() projects whatever representation it is given (here the layer-0 features): graphsage's
+  # codes tanh(x W + b), then the hyperplanes.
+  projected = np.tanh(x.astype(np.float64) @ kernel + bias) @ planes
+  np.testing.assert_allclose(z, np.tanh(projected), atol=1e-5)
+  np.testing.assert_array_equal(z >= 0, projected >= 0)
 
 
 def test_hashnet_beta_schedule_and_continuation():

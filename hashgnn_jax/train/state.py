@@ -32,16 +32,17 @@ def join_embedding(table: jax.Array, dense: dict) -> dict:
   return {**dense, "embedding": {"embedding": table}}
 
 
-def with_encoder_of(params: dict, trained: dict, *, source: str) -> dict:
-  """`params` with every encoder parameter (all but the hash layers) taken from `trained`.
+def with_trained(params: dict, trained: dict, *, source: str, fresh_hash_layer: bool) -> dict:
+  """`params` with every parameter taken from `trained`, the hash layers too unless
+  `fresh_hash_layer` (they then keep their fresh initialisation).
 
-  The hash layer keeps its fresh initialisation. Raises ValueError naming the parameter where
-  `trained` (another run's, read from `source`) lacks one or has another shape.
+  Raises ValueError naming the parameter where `trained` (another run's, read from `source`)
+  lacks one or has another shape.
   """
   flat, restored = flax.traverse_util.flatten_dict(params), flax.traverse_util.flatten_dict(trained)
   merged = {}
   for path, value in flat.items():
-    if path[0] in optim.HASH_LAYERS:
+    if fresh_hash_layer and path[0] in optim.HASH_LAYERS:
       merged[path] = value
       continue
     name = "/".join(path)

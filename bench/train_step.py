@@ -201,7 +201,7 @@ def main():
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--out", default="")
   parser.add_argument("--cache", default="/tmp/hashgnn_bench")
-  parser.add_argument("--quick", action="store_true", help="Graphs at 5% of full size.")
+  parser.add_argument("--quick", action="store_true", help="Graphs at 5%% of full size.")
   parser.add_argument("--prepare-only", action="store_true",
                       help="Only generate and cache the --shapes' graphs (no JAX), then exit.")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

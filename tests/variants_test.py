@@ -150,7 +150,7 @@ def test_gumbel_temperature_and_bit_distribution():
 def test_gumbel_codes_are_exact_signs_at_evaluation():
   config = test_config.get_config("hash_gumb")
   model = model_lib.create_model(config.model, 5, 4, config.hash)
-  x = jax.random.normal(jax.random.PRNGKey(0), (9, model.representation_dim))
+  x = jax.random.normal(jax.random.PRNGKey(0), (9, config.model.hidden_dims[-1]))  # u
   ids = jnp.arange(9)
   params = model.init(jax.random.PRNGKey(1), x, ids, method=model_lib.HashGNN.hash)["params"]
   a = model.apply({"params": params}, x, ids, method=model_lib.HashGNN.hash_logits)

@@ -10,7 +10,6 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from hashgnn_jax.data import graph as graph_lib
 
@@ -222,13 +221,6 @@ class HashGNN(nn.Module):
     if self.separate_hash_layers:
       self.item_hash = nn.Dense(self.hash_bits, kernel_init=init)
 
-  @property
-  def representation_dim(self) -> int:
-    """Width of u, what the hash layer reads."""
-    if self.num_layers:
-      return self.hidden_dims[-1]
-    return self.input_dense if self.input_dense > 0 else self.embed_dim
-
   def embed(self, node_ids: jax.Array) -> jax.Array:
     """Layer-0 features of nodes: [N] int -> [N, D]."""
     return self.features(self.embedding(node_ids))
@@ -311,9 +303,8 @@ class HashGNN(nn.Module):
 def create_model(model_config, num_users: int, num_items: int, hash_config=None) -> HashGNN:
   """Builds the model from `config.model` (and `config.hash`, default: HashGNN's guided codes)
   for a graph of the given size."""
-  if hash_config is None:
-    hash_config = ml_collections.ConfigDict({"method": "guided", "projection_seed": 0})
-  identity = hash_config.method == "identity"
+  method = "guided" if hash_config is None else hash_config.method
+  identity = method == "identity"
   return HashGNN(
       num_nodes=num_users + num_items,
       num_users=num_users,
@@ -329,6 +320,6 @@ def create_model(model_config, num_users: int, num_items: int, hash_config=None)
       init_scheme=model_config.init,
       embed_init_std=model_config.embed_init_std,
       encoder=model_config.encoder,
-      hash_method=hash_config.method,
-      projection_seed=hash_config.projection_seed,
+      hash_method=method,
+      projection_seed=0 if hash_config is None else hash_config.projection_seed,
   )

@@ -91,13 +91,14 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
     return model.apply({"params": params}, trees, num_targets, fanouts, rows[slots],
                        logits=from_logits)
 
-  def training_codes(out, step, keep, noise_seed, within):
+  def training_codes(out, step, keep, guide_key, within):
     """The codes the losses see, from `codes`' output [b·(2+T), K], by `config.hash.method`."""
     if method == "continuation":
       return model_lib.continuation_codes(out, beta(step))
     if method == "gumbel":
       # Drawn per (example, target, bit) like the guidance mask, so the device count does not
       # change them; centred in their 2**-24 bins, so log(u) and log(1 - u) stay finite.
+      noise_seed = jax.random.bits(jax.random.fold_in(guide_key, 1), (), jnp.uint32)
       uniform = sampler.target_uniforms(noise_seed, within, num_negatives=num_negatives,
                                         width=model.hash_bits) + 2.0**-25
       return model_lib.gumbel_codes(out, uniform, tau(step))
@@ -116,10 +117,8 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
                                         num_negatives=num_negatives, width=width,
                                         share_positive=share)
 
-    noise_seed = jax.random.bits(jax.random.fold_in(guide_key, 1), (), jnp.uint32)
-
     def loss_fn(params, rows=None):
-      h = training_codes(codes(params, batch, rows), state.step, keep, noise_seed, within)
+      h = training_codes(codes(params, batch, rows), state.step, keep, guide_key, within)
       return losses.hashgnn_loss(h, local, config.loss, model.hash_bits)
 
     # False when some device's sample overflowed set_sizes: the step then updates nothing.

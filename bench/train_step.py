@@ -123,7 +123,7 @@ def worker(args) -> dict:
   if len(devices) < args.num_devices:
     raise ValueError(f"--devices={args.num_devices} but only {len(devices)} local devices.")
   local = step_lib.local_batch_size(config, devices)
-  model = model_lib.create_model(config.model, num_users, num_items)
+  model = model_lib.create_model(config.model, num_users, num_items, config.hash, config.loss)
   per_epoch = schedules.steps_per_epoch(graph.num_edges, args.batch)
   tx = optim.create_optimizer(config.train, schedules.total_steps(config.train, per_epoch))
   replicated, shard_ids = step_lib.device_layout(devices)

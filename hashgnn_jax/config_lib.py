@@ -24,7 +24,7 @@ TRAINABLE = ("all", "hash", "none")
 AGGREGATORS = ("gcn", "sage")
 GRANULARITIES = ("element", "node")
 SCHEDULES = ("exponential", "linear", "constant")
-LOGIT_SCALES = ("none", "inv_sqrt_bits", "inv_bits")
+LOGIT_SCALES = ("none", "inv_sqrt_bits", "inv_bits", "cosine")
 RANK_LOSSES = ("hinge", "bpr")
 EVAL_MODES = ("hamming", "hierarchical", "continuous")
 PROTOCOLS = ("standard", "paper")
@@ -151,6 +151,20 @@ def default_config() -> ml_collections.ConfigDict:
   # Inner products of ±1 codes lie in [-K, K] and saturate the sigmoid unscaled, yet unscaled
   # logits measured best (BUILD_NOTES.md, "Choices made by measurement").
   config.loss.logit_scale = "none"
+  # Multiplies the scaled scores: with logit_scale inv_bits or cosine, ±1 codes score in [−t, t].
+  config.loss.temperature = 1.0
+  config.loss.learn_temperature = False  # True: a parameter, log t, starting at `temperature`.
+  # Terms on the continuous codes z. binary: the losses again on sign(z) (straight-through),
+  # scored ⟨h_u, h_i⟩ · binary_temperature / K; quant: (|z| − 1)²; balance: each bit's mean over
+  # the batch's negative items, squared; decorr: their bits' off-diagonal second moments.
+  config.loss.binary_weight = 0.0
+  # A softmax of each user's positive against every positive of the (global) batch, scored like
+  # the main term; more negatives per step at the cost of a [b, B] score matrix.
+  config.loss.inbatch_weight = 0.0
+  config.loss.binary_temperature = 6.0
+  config.loss.quant_weight = 0.0
+  config.loss.balance_weight = 0.0
+  config.loss.decorr_weight = 0.0
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 256  # Positive edges per step, across all devices.
@@ -407,6 +421,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice(config.guidance.schedule, SCHEDULES, "guidance.schedule")
   _check_choice(config.loss.logit_scale, LOGIT_SCALES, "loss.logit_scale")
   _check_choice(config.loss.rank, RANK_LOSSES, "loss.rank")
+  _check_positive(config.loss.temperature, "loss.temperature")
+  _check_positive(config.loss.binary_temperature, "loss.binary_temperature")
+  for key in ("binary_weight", "inbatch_weight", "quant_weight", "balance_weight",
+              "decorr_weight"):
+    if config.loss[key] < 0:
+      raise ValueError(f"config.loss.{key}={config.loss[key]} must be >= 0.")
   _check_choice(config.sampler.mode, SAMPLER_MODES, "sampler.mode")
   _check_choice(config.train.embedding_update, EMBEDDING_UPDATES, "train.embedding_update")
   _check_choice(config.train.lr_schedule, LR_SCHEDULES, "train.lr_schedule")

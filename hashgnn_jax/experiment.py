@@ -50,7 +50,7 @@ class Experiment:
     self.num_steps = (0 if config.train.trainable == "none"
                       else schedules.total_steps(config.train, self.per_epoch))
     self.model = model_lib.create_model(config.model, self.dataset.num_users,
-                                        self.dataset.num_items, config.hash)
+                                        self.dataset.num_items, config.hash, config.loss)
     self.tx = optim.create_optimizer(config.train, self.num_steps)
     root = jax.random.PRNGKey(config.seed)
     self.init_rng, self.order_rng, self.step_rng = jax.random.split(root, 3)

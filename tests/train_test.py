@@ -88,6 +88,22 @@ def test_four_devices_match_one_device(experiment, mode, update, monkeypatch):
                one_state.params, four_state.params)
 
 
+def test_code_terms_four_devices_match_one_device():
+  """The in-batch softmax (over every device's positives), the binary term and the z terms."""
+  exp = experiment_lib.Experiment(_config(
+      loss__inbatch_weight=1.0, loss__binary_weight=0.5, loss__quant_weight=0.1,
+      loss__balance_weight=0.1, loss__decorr_weight=0.1, loss__logit_scale="cosine",
+      loss__temperature=5.0, loss__learn_temperature=True))
+  one_state, one_metrics, _ = _run_steps(exp, jax.local_devices()[:1], 2)
+  four_state, four_metrics, _ = _run_steps(exp, jax.local_devices()[:4], 2)
+  assert {"inbatch_loss", "binary_loss", "quant_loss", "temperature"} <= set(one_metrics)
+  for name in one_metrics:
+    np.testing.assert_allclose(four_metrics[name], one_metrics[name], rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               one_state.params, four_state.params)
+  assert float(one_metrics["inbatch_loss"]) > 0
+
+
 @pytest.mark.parametrize("update", ["rowwise", "dense"])
 def test_trimmed_steps_match_untrimmed_steps(update, monkeypatch):
   monkeypatch.setattr(sampler, "_MIN_TRIM_SLOTS", 0)  # This config's sets are small.
@@ -159,6 +175,24 @@ def test_step_compiles_once_across_steps_and_epochs(experiment, monkeypatch):
   state, _, _ = _run_steps(experiment, jax.local_devices()[:2], steps)
   assert int(state.step) == steps
   assert len(traces) == 1
+
+
+def test_learned_temperature_trains_and_stays_positive():
+  exp = experiment_lib.Experiment(_config(loss__logit_scale="cosine", loss__temperature=4.0,
+                                          loss__learn_temperature=True, train__learning_rate=0.5))
+  start = exp.initial_state()
+  np.testing.assert_allclose(start.params["log_temperature"], np.log(4.0), rtol=1e-6)
+  # A large rate moves log t by about 0.5 a step; the temperature exp(log t) stays above 0.
+  state, _, _ = _run_steps(exp, jax.local_devices()[:1], 5)
+  log_t = float(state.params["log_temperature"])
+  assert abs(log_t - np.log(4.0)) > 0.5
+  # A step reports the temperature its loss used: the one it started from.
+  _, metrics, _ = _run_steps(exp, jax.local_devices()[:1], 1, state=state)
+  np.testing.assert_allclose(float(metrics["temperature"]), np.exp(log_t), rtol=1e-5)
+  assert float(metrics["temperature"]) > 0
+  # Without learn_temperature there is no such parameter.
+  fixed = experiment_lib.Experiment(_config(loss__logit_scale="cosine", loss__temperature=4.0))
+  assert "log_temperature" not in fixed.initial_state().params
 
 
 def test_batch_size_must_divide_by_devices(experiment):

@@ -199,6 +199,9 @@ class HashGNN(nn.Module):
   encoder: str = "gnn"
   hash_method: str = "guided"
   projection_seed: int = 0
+  # > 0: the losses' score temperature is a parameter, log_temperature, starting at log of this
+  # (`temperature`); 0: none, the config's fixed value applies.
+  learned_temperature: float = 0.0
 
   @property
   def num_layers(self) -> int:
@@ -215,11 +218,19 @@ class HashGNN(nn.Module):
         MeanAggregator(dim, self.aggregator, self.use_bias, self.slope, self.init_scheme)
         for dim in self.hidden_dims[:self.num_layers]
     ]
+    if self.learned_temperature > 0:
+      # Its log, so that the temperature stays positive whatever Adam does to it.
+      self.log_temperature = self.param(
+          "log_temperature", lambda _: jnp.log(jnp.asarray(self.learned_temperature, jnp.float32)))
     if self.hash_method == "identity":
       return  # No hash layer.
     self.user_hash = nn.Dense(self.hash_bits, kernel_init=init)
     if self.separate_hash_layers:
       self.item_hash = nn.Dense(self.hash_bits, kernel_init=init)
+
+  def temperature(self) -> jax.Array:
+    """The learned score temperature, exp(log_temperature) > 0 (needs learned_temperature > 0)."""
+    return jnp.exp(self.log_temperature)
 
   def embed(self, node_ids: jax.Array) -> jax.Array:
     """Layer-0 features of nodes: [N] int -> [N, D]."""
@@ -300,9 +311,11 @@ class HashGNN(nn.Module):
     return hash_fn(x, node_ids[:x.shape[0]])[blocks.targets]
 
 
-def create_model(model_config, num_users: int, num_items: int, hash_config=None) -> HashGNN:
-  """Builds the model from `config.model` (and `config.hash`, default: HashGNN's guided codes)
-  for a graph of the given size."""
+def create_model(model_config, num_users: int, num_items: int, hash_config=None,
+                 loss_config=None) -> HashGNN:
+  """Builds the model from `config.model` (and `config.hash`, default: HashGNN's guided codes;
+  `config.loss`, for a learned temperature) for a graph of the given size."""
+  learned = loss_config is not None and loss_config.learn_temperature
   method = "guided" if hash_config is None else hash_config.method
   identity = method == "identity"
   return HashGNN(
@@ -322,4 +335,5 @@ def create_model(model_config, num_users: int, num_items: int, hash_config=None)
       encoder=model_config.encoder,
       hash_method=method,
       projection_seed=0 if hash_config is None else hash_config.projection_seed,
+      learned_temperature=loss_config.temperature if learned else 0.0,
   )

@@ -154,8 +154,9 @@ def row_adam_update(table: jax.Array, state: RowAdamState, ids: jax.Array, grads
       nu=state.nu.at[ids].set(nu, mode="drop"))
 
 
-# Parameters of the hash layer(s): what `train.trainable="hash"` leaves to learn.
-HASH_LAYERS = ("user_hash", "item_hash")
+# The hash layer(s) and the scores' learned temperature: what `train.trainable="hash"` leaves to
+# learn, and what a run started from another's trains afresh with it (`state.with_trained`).
+HASH_LAYERS = ("user_hash", "item_hash", "log_temperature")
 
 
 def create_optimizer(train_config, num_steps: int) -> optax.GradientTransformation:

@@ -54,6 +54,7 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
   beta = schedules.create_beta_schedule(config.hash)
   tau = schedules.create_temperature_schedule(config.hash)
   update_table = config.train.trainable == "all"
+  inbatch = bool(config.loss.inbatch_weight)
 
   node_mode = config.sampler.mode == "node"
   rowwise = config.train.embedding_update == "rowwise"
@@ -92,19 +93,20 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
                        logits=from_logits)
 
   def training_codes(out, step, keep, guide_key, within):
-    """The codes the losses see, from `codes`' output [b·(2+T), K], by `config.hash.method`."""
+    """(the codes the scores read, z behind them), both [b·(2+T), K], from `codes`' output by
+    `config.hash.method`."""
     if method == "continuation":
-      return model_lib.continuation_codes(out, beta(step))
+      return model_lib.continuation_codes(out, beta(step)), jnp.tanh(out)
     if method == "gumbel":
       # Drawn per (example, target, bit) like the guidance mask, so the device count does not
       # change them; centred in their 2**-24 bins, so log(u) and log(1 - u) stay finite.
       noise_seed = jax.random.bits(jax.random.fold_in(guide_key, 1), (), jnp.uint32)
       uniform = sampler.target_uniforms(noise_seed, within, num_negatives=num_negatives,
                                         width=model.hash_bits) + 2.0**-25
-      return model_lib.gumbel_codes(out, uniform, tau(step))
+      return model_lib.gumbel_codes(out, uniform, tau(step)), jnp.tanh(out)
     if method == "identity":
-      return out  # z = u: trained as it is served.
-    return model_lib.guided_codes(out, keep)  # z mixed with its STE sign (p = 1: z itself).
+      return out, out  # z = u: trained as it is served.
+    return model_lib.guided_codes(out, keep), out  # z mixed with its STE sign (p = 1: z).
 
   def train_step(state, graph, edge_order, rng, shard_id):
     within = shard_id * local + jnp.arange(local, dtype=jnp.int32)  # Position in global batch.
@@ -113,13 +115,34 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
     batch, row_ids, row_valid, marks = sample(
         graph, edge_ids, sampler.example_keys(sample_key, within), sample_key, state.node_marks)
     p = schedule(state.step)
+    collides = log_q = None
+    if inbatch:
+      # Every device reads the whole global batch's positive items (cheap: B ids).
+      step_items = edge_order[(state.step % per_epoch) * batch_size
+                              + jnp.arange(batch_size, dtype=jnp.int32)]
+      _, items = sampler.edge_endpoints(graph, step_items)  # [B]
+      collides = ((items[within][:, None] == items[None, :])
+                  & (within[:, None] != jnp.arange(batch_size)[None, :]))  # [b, B]
+      log_q = jnp.log((graph.indptr[items + 1] - graph.indptr[items]).astype(jnp.float32))
     keep = sampler.draw_keep_continuous(jax.random.bits(guide_key, (), jnp.uint32), within, p,
                                         num_negatives=num_negatives, width=width,
                                         share_positive=share)
 
     def loss_fn(params, rows=None):
-      h = training_codes(codes(params, batch, rows), state.step, keep, guide_key, within)
-      return losses.hashgnn_loss(h, local, config.loss, model.hash_bits)
+      h, z = training_codes(codes(params, batch, rows), state.step, keep, guide_key, within)
+      temperature = None
+      if model.learned_temperature > 0:
+        temperature = model.apply({"params": params}, method=model_lib.HashGNN.temperature)
+      batch_items = None
+      if inbatch:
+        # Differentiable: all_gather's transpose sums each device's share of the cotangent back.
+        batch_items = losses.BatchItems(jax.lax.all_gather(h[local:2 * local], AXIS, tiled=True),
+                                        within[0], collides, log_q)
+      loss, parts = losses.hashgnn_loss(h, local, config.loss, model.hash_bits, z, temperature,
+                                        batch_items, lambda x: jax.lax.pmean(x, AXIS))
+      if temperature is not None:
+        parts["temperature"] = temperature
+      return loss, parts
 
     # False when some device's sample overflowed set_sizes: the step then updates nothing.
     complete = True

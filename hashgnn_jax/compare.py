@@ -68,8 +68,12 @@ _OUT = flags.DEFINE_string(
     "out", None, "Output folder: runs/NAME (each run's workdir), results.json, table.md, *.png.")
 _STUDIES = flags.DEFINE_list(
     "studies", [],
-    "Extra runs of variant 'paper': 'guidance' (fixed p in "
+    "Extra runs of each --study_variants variant: 'guidance' (fixed p in "
     f"{GUIDANCE_PROBABILITIES}, Fig. 7) and/or 'bits' (hash_bits K in {HASH_BITS}, Fig. 5c).")
+_STUDY_VARIANTS = flags.DEFINE_list(
+    "study_variants", ["paper"],
+    "The variants the studies run (each a line of the study's figure), named VARIANT@p=P and "
+    "VARIANT@bits=K. Staged variants (lsh, hashgnn_sp) have no studies.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print each planned run's command and exit.")
 config_flags.DEFINE_config_file(
     "config", None,
@@ -162,13 +166,15 @@ def run_dir(out_dir: str, name: str) -> str:
   return os.path.join(out_dir, "runs", name)
 
 
-def plan_runs(variants, user_overrides, studies, out_dir: str) -> list[Run]:
-  """The runs to make, in order: each variant after its prerequisite, then the studies' runs.
+def plan_runs(variants, user_overrides, studies, out_dir: str,
+              study_variants=("paper",)) -> list[Run]:
+  """The runs to make, in order: each variant after its prerequisite, then the studies' runs
+  of each of `study_variants`.
 
   Raises a ValueError naming an unknown variant or study and listing the known ones.
   """
   known = tuple(config_lib.VARIANTS)
-  unknown = [v for v in variants if v not in known]
+  unknown = [v for v in (*variants, *(study_variants if studies else ())) if v not in known]
   if unknown:
     raise ValueError(f"Unknown variants {unknown}; known variants: {', '.join(known)}.")
   unknown = [s for s in studies if s not in STUDIES]
@@ -192,21 +198,27 @@ def plan_runs(variants, user_overrides, studies, out_dir: str) -> list[Run]:
       own = (f"--config.train.init_from={run_dir(out_dir, prerequisite)}",)
     runs[variant] = Run(variant, variant, shared + own, own, prerequisite)
 
-  def add_study(study, value, name, own):
-    runs[name] = Run(name, "paper", shared + own, own, study=study, study_value=value)
+  def add_study(variant, study, value, name, own):
+    runs[name] = Run(name, variant, shared + own, own, study=study, study_value=value)
 
   for variant in variants:
     add(variant)
-  if "guidance" in studies:
-    add("paper")  # Fig. 7's decaying schedule.
-    for p in GUIDANCE_PROBABILITIES:
-      add_study("guidance", p, f"paper@p={p:g}",
-                ("--config.guidance.schedule=constant", f"--config.guidance.init={p:g}",
-                 f"--config.guidance.floor={p:g}"))
-  if "bits" in studies:
-    # K = 32 gets its own run even if 32 is the default: the user's overrides may set hash_bits.
-    for bits in HASH_BITS:
-      add_study("bits", bits, f"paper@bits={bits}", (f"--config.model.hash_bits={bits}",))
+  staged = [v for v in study_variants if v in stages] if studies else []
+  if staged:
+    raise ValueError(f"Staged variants {staged} have no studies (their stages would need one "
+                     "prerequisite run per study value).")
+  for variant in study_variants if studies else ():
+    if "guidance" in studies:
+      add(variant)  # Fig. 7's line for the variant's own schedule.
+      for p in GUIDANCE_PROBABILITIES:
+        add_study(variant, "guidance", p, f"{variant}@p={p:g}",
+                  ("--config.guidance.schedule=constant", f"--config.guidance.init={p:g}",
+                   f"--config.guidance.floor={p:g}"))
+    if "bits" in studies:
+      # K = 32 gets its own run even if 32 is the default: the user's overrides may set it.
+      for bits in HASH_BITS:
+        add_study(variant, "bits", bits, f"{variant}@bits={bits}",
+                  (f"--config.model.hash_bits={bits}",))
   return list(runs.values())
 
 
@@ -530,8 +542,11 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
   plain = {e["name"]: e for e in finished if e["study"] is None}
   for study, filename, xlabel in (("guidance", "fig7_guidance.png", "fixed p"),
                                   ("bits", "fig5c_bits.png", "hash bits K")):
-    points = sorted((e["study_value"], e["metrics"]["standard"]) for e in finished
-                    if e["study"] == study and "standard" in e["metrics"])
+    entries = [e for e in finished if e["study"] == study and "standard" in e["metrics"]]
+    lines = {}  # variant -> [(study value, standard metrics)], one figure line per mode each.
+    for e in entries:
+      lines.setdefault(e["variant"], []).append((e["study_value"], e["metrics"]["standard"]))
+    points = [point for values in lines.values() for point in values]
     if not points:
       continue
     # Modes every point has (eval.modes may leave one out).
@@ -542,16 +557,20 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
     cutoff = max([n for n in cutoffs if n <= STUDY_CUTOFF] or cutoffs[:1])
     metric = f"hr@{cutoff}"
     fig, ax = new_axes(f"{study} study, standard protocol", xlabel, f"HR@{cutoff}")
-    decaying = plain.get("paper", {}).get("metrics", {}).get("standard", {})
-    for mode in modes:
-      line, = ax.plot([x for x, _ in points], [metrics[mode][metric] for _, metrics in points],
-                      marker="o", label=mode)
-      if study == "guidance" and metric in decaying.get(mode, {}):
-        ax.axhline(decaying[mode][metric], linestyle="--", color=line.get_color(),
-                   label=f"{mode}, decaying p")
+    for variant, values in lines.items():
+      values.sort(key=lambda point: point[0])
+      own_schedule = plain.get(variant, {}).get("metrics", {}).get("standard", {})
+      for mode in modes:
+        label = mode if len(lines) == 1 else f"{variant}, {mode}"
+        line, = ax.plot([x for x, _ in values], [metrics[mode][metric] for _, metrics in values],
+                        marker="o", label=label)
+        if study == "guidance" and metric in own_schedule.get(mode, {}):
+          ax.axhline(own_schedule[mode][metric], linestyle="--", color=line.get_color(),
+                     label=f"{label}, its own schedule")
     if study == "bits":
       ax.set_xscale("log", base=2)
-      ax.set_xticks([x for x, _ in points], [str(int(x)) for x, _ in points])
+      ticks = sorted({x for x, _ in points})
+      ax.set_xticks(ticks, [str(int(x)) for x in ticks])
     ax.legend()
     written.append(_save_figure(fig, os.path.join(out_dir, filename)))
   return written
@@ -573,7 +592,8 @@ def main(argv):
                                      FLAGS)
   out_dir = os.path.abspath(_OUT.value)
   try:
-    runs = plan_runs(_VARIANTS.value, user_overrides, _STUDIES.value, out_dir)
+    runs = plan_runs(_VARIANTS.value, user_overrides, _STUDIES.value, out_dir,
+                     _STUDY_VARIANTS.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   configs = {}

@@ -82,6 +82,17 @@ def test_studies_expand_to_named_runs_of_paper():
   assert by_name["paper"].overrides == shared and by_name["paper"].study is None
 
 
+def test_studies_of_other_variants():
+  runs = compare.plan_runs([], [], ["bits"], "/out", study_variants=("graphsage", "hash_ste"))
+  assert _names(runs) == [f"{v}@bits={k}" for v in ("graphsage", "hash_ste")
+                          for k in compare.HASH_BITS]
+  assert {run.variant for run in runs[:4]} == {"graphsage"}
+  with pytest.raises(ValueError, match=r"\['nope'\]"):
+    compare.plan_runs([], [], ["bits"], "/out", study_variants=("nope",))
+  with pytest.raises(ValueError, match="lsh"):
+    compare.plan_runs([], [], ["bits"], "/out", study_variants=("lsh",))
+
+
 def test_user_overrides_sit_between_runner_defaults_and_study_settings():
   user = ["--config.eval.cutoffs=(10,20)", "--config.model.hash_bits=64"]
   runs = compare.plan_runs(["authors_code"], user, ["bits"], "/out")

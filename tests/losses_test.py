@@ -242,3 +242,22 @@ def test_inbatch_term_weighted_into_the_loss():
                              rtol=1e-5)
   with pytest.raises(ValueError, match="inbatch_weight"):
     losses.hashgnn_loss(codes, 3, config, 4)
+
+
+def test_binary_term_includes_the_inbatch_softmax_of_the_signs():
+  rng = np.random.default_rng(6)
+  z = rng.uniform(-1, 1, size=(3 * (2 + 2), 8)).astype(np.float32)
+  signs = np.where(z >= 0, 1.0, -1.0).astype(np.float32)
+  collides = np.zeros((3, 3), bool)
+  items = losses.BatchItems(jnp.asarray(z[3:6]), jnp.asarray(0), jnp.asarray(collides),
+                            jnp.zeros(3), jnp.asarray(z[3:6]))
+  config = _loss_config(binary_weight=1.0, binary_temperature=4.0, inbatch_weight=0.5)
+  _, parts = losses.hashgnn_loss(jnp.asarray(z), 3, config, 8, jnp.asarray(z), batch_items=items)
+  want = losses.inbatch_softmax_loss(signs[:3], signs[3:6], 0, collides, np.zeros(3), 0.5, False)
+  np.testing.assert_allclose(parts["binary_inbatch_loss"], want, rtol=1e-5)
+  np.testing.assert_allclose(
+      parts["binary_loss"], parts["binary_cross_loss"] + 0.5 * parts["binary_rank_loss"]
+      + 0.5 * want, rtol=1e-5)
+  with pytest.raises(ValueError, match="batch_items.z"):
+    losses.hashgnn_loss(jnp.asarray(z), 3, config, 8, jnp.asarray(z),
+                        batch_items=items._replace(z=None))

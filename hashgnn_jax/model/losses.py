@@ -128,6 +128,7 @@ class BatchItems(NamedTuple):
   offset: jax.Array  # int scalar: where this device's examples start in the global batch.
   collides: jax.Array  # [b, B] bool: another slot holds this example's positive item.
   log_q: jax.Array  # [B]: log of each positive item's degree (`inbatch_softmax_loss`).
+  z: jax.Array | None = None  # [B, K]: their continuous codes, for the binary term's softmax.
 
 
 def hashgnn_loss(codes: jax.Array, num_examples: int, loss_config, hash_bits: int,
@@ -138,7 +139,7 @@ def hashgnn_loss(codes: jax.Array, num_examples: int, loss_config, hash_bits: in
 
   codes [b·(2+T), K] are what the scores read (z mixed with sign(z), say); z [b·(2+T), K], the
   continuous codes behind them, feeds the terms on z, each with its weight in `loss_config`:
-  - binary_weight: the same two losses again on the straight-through signs of z, scored
+  - binary_weight: the same losses again on the straight-through signs of z, scored
     ⟨h_u, h_i⟩ · binary_temperature / K, so the served codes are trained at a scale where the
     sigmoid does not saturate, while `codes` keep the continuous scores;
   - quant_weight, balance_weight, decorr_weight: quantisation (every row), bit balance and bit
@@ -157,10 +158,10 @@ def hashgnn_loss(codes: jax.Array, num_examples: int, loss_config, hash_bits: in
   # (a saturated sigmoid, say) must not reach the loss or the gradient of a run without it.
   parts = {"cross_loss": cross, "rank_loss": rank}
   weighted = [(loss_config.cross_weight, cross), (loss_config.rank_weight, rank)]
+  if loss_config.inbatch_weight and batch_items is None:
+    raise ValueError(f"config.loss.inbatch_weight={loss_config.inbatch_weight} needs the "
+                     "batch's positives (batch_items).")
   if loss_config.inbatch_weight:
-    if batch_items is None:
-      raise ValueError(f"config.loss.inbatch_weight={loss_config.inbatch_weight} needs the "
-                       "batch's positives (batch_items).")
     parts["inbatch_loss"] = inbatch_softmax_loss(
         codes[:num_examples], batch_items.codes, batch_items.offset, batch_items.collides,
         batch_items.log_q, scale, loss_config.logit_scale == "cosine")
@@ -168,11 +169,20 @@ def hashgnn_loss(codes: jax.Array, num_examples: int, loss_config, hash_bits: in
 
   def binary_term():
     signs = network.ste_sign(z)
-    pos, neg = pair_scores(signs, num_examples, loss_config.binary_temperature / hash_bits)
+    binary_scale = loss_config.binary_temperature / hash_bits
+    pos, neg = pair_scores(signs, num_examples, binary_scale)
     b_cross, b_rank = _link_losses(pos, neg, loss_config)
     parts["binary_cross_loss"], parts["binary_rank_loss"] = b_cross, b_rank
-    return sum(w * v for w, v in ((loss_config.cross_weight, b_cross),
-                                  (loss_config.rank_weight, b_rank)) if w)
+    terms = [(loss_config.cross_weight, b_cross), (loss_config.rank_weight, b_rank)]
+    if loss_config.inbatch_weight:
+      if batch_items.z is None:
+        raise ValueError("The binary term's in-batch softmax needs the batch's continuous "
+                         "codes (batch_items.z).")
+      parts["binary_inbatch_loss"] = inbatch_softmax_loss(
+          signs[:num_examples], network.ste_sign(batch_items.z), batch_items.offset,
+          batch_items.collides, batch_items.log_q, binary_scale, False)
+      terms.append((loss_config.inbatch_weight, parts["binary_inbatch_loss"]))
+    return sum(w * v for w, v in terms if w)
 
   z_terms = {"binary_loss": (loss_config.binary_weight, binary_term),
              "quant_loss": (loss_config.quant_weight, lambda: quantization_loss(z)),

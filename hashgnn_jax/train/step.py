@@ -136,8 +136,9 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
       batch_items = None
       if inbatch:
         # Differentiable: all_gather's transpose sums each device's share of the cotangent back.
-        batch_items = losses.BatchItems(jax.lax.all_gather(h[local:2 * local], AXIS, tiled=True),
-                                        within[0], collides, log_q)
+        gather = lambda x: jax.lax.all_gather(x[local:2 * local], AXIS, tiled=True)  # [B, K]
+        batch_items = losses.BatchItems(gather(h), within[0], collides, log_q,
+                                        gather(z) if config.loss.binary_weight else None)
       loss, parts = losses.hashgnn_loss(h, local, config.loss, model.hash_bits, z, temperature,
                                         batch_items, lambda x: jax.lax.pmean(x, AXIS))
       if temperature is not None:

@@ -1,14 +1,14 @@
 """Train-step throughput on graphs of MovieLens, Gowalla and Alibaba size (issue 4's benchmark).
 
   python bench/train_step.py [--shapes=movielens,gowalla,alibaba] [--batches=256,4096]
-      [--variants=node/rowwise,node/dense,tree/rowwise] [--devices=1] [--steps=10]
+      [--variants=node/rowwise,node/dense,tree/rowwise,node/rowwise/ib] [--devices=1] [--steps=10]
       [--host-memory=reuse,default] [--out=bench_train.json] [--cache=/tmp/hashgnn_bench]
       [--quick] [--prepare-only]
 
 Every (shape, batch, variant) runs in its own subprocess, so each reports its own peak RSS
 (embeddings + optimizer state + graph + the step's buffers). A variant is sampler.mode /
-train.embedding_update; the first listed is the baseline the others are compared with in the
-same run. `--devices=1,2` also runs each on that many devices (host CPU devices split with
+train.embedding_update, optionally / ib for the default variant's in-batch softmax; the first
+listed is the baseline the others are compared with in the same run. `--devices=1,2` also runs each on that many devices (host CPU devices split with
 XLA_FLAGS on a CPU; the batch is global, split over the devices). `--host-memory=reuse,default`
 also runs each with glibc's malloc left as it is, against `hostmem.reuse_freed_memory()` (what
 `main.py` does) as the baseline. Graphs come from the
@@ -47,7 +47,10 @@ SHAPES = {
 QUICK_SCALE = 0.05
 
 
-def benchmark_config(batch_size: int, sampler_mode: str, embedding_update: str):
+def benchmark_config(batch_size: int, sampler_mode: str, embedding_update: str,
+                     losses: str = ""):
+  """Issue 4's benchmark configuration; losses "ib" adds the default variant's in-batch
+  softmax (hashgnn_ib: scores · 10 / K, p = 1)."""
   from hashgnn_jax import config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.default_config()
   config.model.embed_dim = 64
@@ -70,6 +73,12 @@ def benchmark_config(batch_size: int, sampler_mode: str, embedding_update: str):
   config.train.learning_rate = 1e-3
   config.train.batch_size = batch_size
   config.train.embedding_update = embedding_update
+  if losses == "ib":
+    config.loss.temperature = 10.0
+    config.loss.inbatch_weight = 1.0
+    config.guidance.init = config.guidance.floor = 1.0
+  elif losses:
+    raise ValueError(f"Unknown losses {losses!r} in a variant; expected 'ib' or none.")
   config_lib.validate(config)
   return config
 
@@ -114,8 +123,8 @@ def worker(args) -> dict:
   from hashgnn_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from hashgnn_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
-  mode, update = args.variant.split("/")
-  config = benchmark_config(args.batch, mode, update)
+  mode, update, *losses = args.variant.split("/")
+  config = benchmark_config(args.batch, mode, update, *losses)
   users, items, num_users, num_items = load_pairs(args.shape, args.scale, args.cache)
   graph = graph_lib.build_graph(users, items, num_users, num_items)
   del users, items

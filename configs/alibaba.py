@@ -27,7 +27,7 @@ NUM_ITEMS = 4_167_708
 NUM_INTERACTIONS = 28_489_957
 
 
-def get_config(variant: str = "paper"):
+def get_config(variant: str = config_lib.DEFAULT_VARIANT):
   names = variant.split(",")
   # Whatever is left must be one model variant, which apply_variant checks.
   model_variant = ",".join(name for name in names if name != "synthetic")

@@ -10,7 +10,7 @@ The paper re-splits 70/30 per user: both released files are merged and split aga
 from hashgnn_jax import config_lib
 
 
-def get_config(variant: str = "paper"):
+def get_config(variant: str = config_lib.DEFAULT_VARIANT):
   config = config_lib.apply_variant(config_lib.default_config(), variant)
   config.data.kind = "gowalla"
   config.data.path = ""

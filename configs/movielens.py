@@ -7,7 +7,7 @@
 from hashgnn_jax import config_lib
 
 
-def get_config(variant: str = "paper"):
+def get_config(variant: str = config_lib.DEFAULT_VARIANT):
   config = config_lib.apply_variant(config_lib.default_config(), variant)
   config.data.kind = "movielens"
   config.data.path = ""  # ratings.dat (ML-1M / ML-10M) or u.data (ML-100K).

@@ -3,7 +3,7 @@
 from hashgnn_jax import config_lib
 
 
-def get_config(variant: str = "paper"):
+def get_config(variant: str = config_lib.DEFAULT_VARIANT):
   config = config_lib.apply_variant(config_lib.default_config(), variant)
   config.data.synthetic.num_users = 600
   config.data.synthetic.num_items = 300

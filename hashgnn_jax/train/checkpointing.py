@@ -3,8 +3,16 @@
 import json
 import os
 
+from absl import logging
 import jax
 import orbax.checkpoint as ocp
+
+# Where a run's unreadable checkpoints go when it resumes past them (`Checkpointer.restore`).
+CORRUPT_SUBDIR = "checkpoints_corrupt"
+
+
+class ConfigMismatchError(ValueError):
+  """A checkpoint that reads fine but does not fit this run's train state (other settings)."""
 
 
 class Checkpointer:
@@ -48,31 +56,74 @@ class Checkpointer:
         metrics=None if score is None else {"score": float(score)},
     )
 
-  def restore(self, abstract_state, step: int | None = None, config_dict: dict | None = None):
+  def restore(self, abstract_state, step: int | None = None, config_dict: dict | None = None,
+              set_aside_unreadable: bool = False):
     """Restores the state at `step` (latest if None) into the structure of `abstract_state`.
 
     If the saved state does not fit that structure and `config_dict` (this run's config) is
     given, the error names the settings that differ from the run that wrote the checkpoint.
+
+    Without `step`, an unreadable latest checkpoint (a truncated array file, a missing item, bad
+    metadata) gives way to the newest readable one, with a warning naming each bad step; with
+    none readable, the error names the folder. A bad checkpoint is never deleted: with
+    `set_aside_unreadable` (a run that will save those steps again) it is moved to
+    WORKDIR/checkpoints_corrupt/STEP, otherwise it stays where it is.
     """
     steps = self.all_steps()
     if not steps:
       raise FileNotFoundError(f"No checkpoint found under {self.directory}.")
-    if step is None:
-      step = max(steps)
-    elif step not in steps:
-      raise FileNotFoundError(
-          f"No checkpoint for step {step} under {self.directory}; available: {sorted(steps)}.")
+    if step is not None:
+      if step not in steps:
+        raise FileNotFoundError(
+            f"No checkpoint for step {step} under {self.directory}; available: {sorted(steps)}.")
+      return self._restore_step(abstract_state, step, config_dict)
+    unreadable = []
+    for candidate in sorted(steps, reverse=True):
+      try:
+        state = self._restore_step(abstract_state, candidate, config_dict)
+      except ConfigMismatchError:
+        raise
+      except Exception as error:  # pylint: disable=broad-except
+        # Orbax and TensorStore raise plain Exception, ValueError or KeyError for damaged files.
+        logging.warning("The checkpoint at step %d under %s is unreadable (%s: %s); trying the "
+                        "one before it.", candidate, self.directory, type(error).__name__,
+                        str(error).splitlines()[0][:300] if str(error) else "")
+        unreadable.append(candidate)
+        continue
+      if unreadable and set_aside_unreadable:
+        self._set_aside(unreadable)
+      return state
+    raise RuntimeError(f"No readable checkpoint under {self.directory}: steps {unreadable} all "
+                       "failed to restore (warnings above); they are left in place.")
+
+  def _restore_step(self, abstract_state, step: int, config_dict: dict | None):
     try:
       restored = self._manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     except ValueError as error:
       if "do not match" not in str(error):
         raise
-      raise ValueError(
+      raise ConfigMismatchError(
           f"The checkpoint at step {step} under {self.directory} does not fit this run's train "
           f"state (other model or optimizer settings). {self._differences(step, config_dict)}"
       ) from error
     return restored.state
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves unreadable step folders out of Orbax's sight, so the run can save those steps."""
+    corrupt = os.path.join(os.path.dirname(self.directory), CORRUPT_SUBDIR)
+    if jax.process_index() == 0:
+      os.makedirs(corrupt, exist_ok=True)
+      for step in steps:
+        target = os.path.join(corrupt, str(step))
+        suffix = 1
+        while os.path.exists(target):  # An earlier resume set the same step aside.
+          target = os.path.join(corrupt, f"{step}.{suffix}")
+          suffix += 1
+        os.replace(os.path.join(self.directory, str(step)), target)
+        logging.warning("Moved the unreadable checkpoint of step %d to %s (kept for inspection).",
+                        step, target)
+    self._manager.reload()
 
   def _differences(self, step: int, config_dict: dict | None) -> str:
     """The config keys whose values differ between this run and the checkpoint's writer."""

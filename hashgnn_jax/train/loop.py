@@ -28,7 +28,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_dict = config.to_dict()
   state = exp.initial_state()
   if ckpt.latest_step() is not None:
-    state = ckpt.restore(exp.abstract_state(), config_dict=config_dict)
+    state = ckpt.restore(exp.abstract_state(), config_dict=config_dict, set_aside_unreadable=True)
     logging.info("Resumed from step %d.", int(state.step))
 
   replicated, shard_ids = step_lib.device_layout(devices)

@@ -67,6 +67,12 @@ def main(argv):
   else:
     record = experiment_lib.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step,
                                                 FLAGS.checkpoint)
+  if "interrupted" in record:
+    # A clean stop (exit status 0): the scheduler or the user asked for it, and the checkpoint
+    # at the step reached is complete.
+    print(f"Stopped by {record['interrupted']} at step {record['step']} of "
+          f"{record['num_steps']}; rerun the same command to resume.")
+    return
   if jax.process_index() == 0:
     print(reporting.format_table(record))
 

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -344,6 +345,37 @@ def _main(*args, cwd=ROOT):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", "hashgnn_jax.main", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_with_a_checkpoint_and_the_rerun_equals_a_straight_run(tmp_path, signum):
+  workdir = tmp_path / "stopped"
+  args = ("--config=configs/test.py", "--config.train.num_devices=1",
+          "--config.checkpoint.every_steps=10000")  # Only the stop and the end save.
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  process = subprocess.Popen([sys.executable, "-m", "hashgnn_jax.main", *args,
+                              f"--workdir={workdir}"], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  for line in process.stderr:  # Once training is under way, ask it to stop.
+    if "step 100/600" in line:
+      process.send_signal(signum)
+      break
+  stdout, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr[-2000:]
+  assert "rerun the same command to resume" in stdout
+  exp = experiment_lib.Experiment(_config(train__num_devices=1))
+  stop_step = max(exp.checkpointer(str(workdir)).all_steps())  # (Orbax also kept step 1.)
+  assert 100 <= stop_step < 600
+  assert f"at step {stop_step} of 600" in stdout
+  assert not (workdir / "eval_results.json").exists()  # Stopped before evaluating.
+  # Rerunning resumes; sampling is a function of (seed, step), so it ends where a straight run
+  # does.
+  resumed = train.train_and_evaluate(_config(train__num_devices=1), str(workdir))
+  straight_dir = str(tmp_path / "straight")
+  straight = train.train_and_evaluate(_config(train__num_devices=1), straight_dir)
+  jax.tree.map(np.testing.assert_array_equal, _final_params(str(workdir), exp).params,
+               _final_params(straight_dir, exp).params)
+  assert resumed["metrics"] == straight["metrics"]
 
 
 def test_cli_rejects_unknown_key_and_bad_type(tmp_path):

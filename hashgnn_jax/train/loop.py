@@ -12,11 +12,16 @@ from hashgnn_jax.data import graph as graph_lib
 from hashgnn_jax.evaluation import reporting
 from hashgnn_jax import experiment as experiment_lib
 from hashgnn_jax.train import sampler
+from hashgnn_jax.train import signals
 from hashgnn_jax.train import step as step_lib
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (resuming from WORKDIR/checkpoints if present), evaluates, returns the final record."""
+  """Trains (resuming from WORKDIR/checkpoints if present), evaluates, returns the final record.
+
+  A SIGTERM or SIGINT stops training after the step in flight, with a checkpoint at the step
+  reached, and returns {"interrupted": signal name, "step", "num_steps"} without evaluating.
+  """
   exp = experiment_lib.Experiment(config)
   devices = exp.devices
   logging.info("Devices: %d local (%s); dataset: %s", len(devices), devices[0].platform,
@@ -58,37 +63,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   window_start, window_steps = time.perf_counter(), 0
   logging.info("Training steps %d..%d (%d per epoch, batch %d on %d devices).", step,
                exp.num_steps, exp.per_epoch, config.train.batch_size, len(devices))
-  while step < exp.num_steps:
-    if step // exp.per_epoch != epoch:
-      epoch = step // exp.per_epoch
-      edge_order = order_fn(exp.order_rng, epoch)
-    previous = metrics
-    state, metrics = p_train_step(state, graph, edge_order, exp.step_rng, shard_ids)
-    # At most two steps in flight: with dozens queued, XLA's CPU runtime deadlocked in the
-    # all-reduce of fake devices on 2 cores (BUILD_NOTES.md); one queued step keeps a GPU busy.
-    jax.block_until_ready(previous)
-    step += 1
-    window_steps += 1
-    if step % log_every == 0 or step == exp.num_steps:
-      scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      elapsed = time.perf_counter() - window_start
-      scalars["steps_per_second"] = window_steps / max(elapsed, 1e-9)
-      eta = (exp.num_steps - step) / scalars["steps_per_second"]
-      logging.info("step %d/%d  loss %.4f (cross %.4f, rank %.4f)  p %.3f  %.1f steps/s  ETA %.0fs",
-                   step, exp.num_steps, scalars["loss"], scalars["cross_loss"],
-                   scalars["rank_loss"], scalars["guidance_p"], scalars["steps_per_second"], eta)
-      if not np.isfinite(scalars["loss"]):
-        raise FloatingPointError(f"Loss became {scalars['loss']} at step {step}.")
-      if writer:
-        writer.write_train(step, scalars)
-      window_start, window_steps = time.perf_counter(), 0
-    ckpt.save(step, state, config_dict)
-    every_eval = config.eval.every_steps
-    if every_eval > 0 and step % every_eval == 0 and step < exp.num_steps:
-      periodic_eval(state, step)
+  with signals.StopOnSignal() as stop:
+    while step < exp.num_steps and not stop.requested:
+      if step // exp.per_epoch != epoch:
+        epoch = step // exp.per_epoch
+        edge_order = order_fn(exp.order_rng, epoch)
+      previous = metrics
+      state, metrics = p_train_step(state, graph, edge_order, exp.step_rng, shard_ids)
+      # At most two steps in flight: with dozens queued, XLA's CPU runtime deadlocked in the
+      # all-reduce of fake devices on 2 cores (BUILD_NOTES.md); one queued step keeps a GPU busy.
+      jax.block_until_ready(previous)
+      step += 1
+      window_steps += 1
+      if step % log_every == 0 or step == exp.num_steps:
+        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed = time.perf_counter() - window_start
+        scalars["steps_per_second"] = window_steps / max(elapsed, 1e-9)
+        eta = (exp.num_steps - step) / scalars["steps_per_second"]
+        logging.info("step %d/%d  loss %.4f (cross %.4f, rank %.4f)  p %.3f  %.1f steps/s  "
+                     "ETA %.0fs", step, exp.num_steps, scalars["loss"], scalars["cross_loss"],
+                     scalars["rank_loss"], scalars["guidance_p"], scalars["steps_per_second"], eta)
+        if not np.isfinite(scalars["loss"]):
+          raise FloatingPointError(f"Loss became {scalars['loss']} at step {step}.")
+        if writer:
+          writer.write_train(step, scalars)
+        window_start, window_steps = time.perf_counter(), 0
+      ckpt.save(step, state, config_dict)
+      every_eval = config.eval.every_steps
+      if every_eval > 0 and step % every_eval == 0 and step < exp.num_steps:
+        periodic_eval(state, step)
 
   ckpt.save(step, state, config_dict, force=step not in ckpt.all_steps())
   ckpt.close()
+  if stop.requested:
+    best.close()
+    if writer:
+      writer.close()
+    logging.warning("Stopped by %s at step %d of %d; checkpoint saved under %s. Rerun the same "
+                    "command to resume.", stop.requested, step, exp.num_steps, ckpt.directory)
+    return {"interrupted": stop.requested, "step": step, "num_steps": exp.num_steps}
   if not exp.has_validation:
     record = exp.evaluate(state.params, step, "test")
   else:

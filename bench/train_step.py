@@ -8,8 +8,9 @@
 Every (shape, batch, variant) runs in its own subprocess, so each reports its own peak RSS
 (embeddings + optimizer state + graph + the step's buffers). A variant is sampler.mode /
 train.embedding_update, optionally / ib for the default variant's in-batch softmax; the first
-listed is the baseline the others are compared with in the same run. `--devices=1,2` also runs each on that many devices (host CPU devices split with
-XLA_FLAGS on a CPU; the batch is global, split over the devices). `--host-memory=reuse,default`
+listed is the baseline the others are compared with in the same run. `--devices=1,2` also runs
+each on that many devices (host CPU devices split with XLA_FLAGS on a CPU; the batch is global,
+split over the devices). `--host-memory=reuse,default`
 also runs each with glibc's malloc left as it is, against `hostmem.reuse_freed_memory()` (what
 `main.py` does) as the baseline. Graphs come from the
 planted-community generator at each data set's sizes (cached as .npz under --cache, since the

@@ -161,13 +161,13 @@ def default_config() -> ml_collections.ConfigDict:
   # scored ⟨h_u, h_i⟩ · binary_temperature / K; quant: (|z| − 1)²; balance: each bit's mean over
   # the batch's negative items, squared; decorr: their bits' off-diagonal second moments.
   config.loss.binary_weight = 0.0
-  # A softmax of each user's positive against every positive of the (global) batch, scored like
-  # the main term; more negatives per step at the cost of a [b, B] score matrix.
-  config.loss.inbatch_weight = 0.0
   config.loss.binary_temperature = 6.0
   config.loss.quant_weight = 0.0
   config.loss.balance_weight = 0.0
   config.loss.decorr_weight = 0.0
+  # A softmax of each user's positive against every positive of the (global) batch, scored like
+  # the main term; more negatives per step at the cost of a [b, B] score matrix.
+  config.loss.inbatch_weight = 0.0
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 256  # Positive edges per step, across all devices.

@@ -49,6 +49,16 @@ def _truncate_largest_array(step_dir):
     f.truncate(100)
 
 
+def _damaged_copy(source, tmp_path, damage, steps=(3,)):
+  """A copy of `source` whose checkpoints at `steps` went through `damage`, and its
+  Checkpointer: (workdir, ckpt)."""
+  workdir = tmp_path / "run"
+  shutil.copytree(source, workdir)
+  for step in steps:
+    damage(workdir / "checkpoints" / str(step))
+  return workdir, checkpointing.Checkpointer(str(workdir), every_steps=1, max_to_keep=5)
+
+
 CORRUPTIONS = {
     "truncated array file": _truncate_largest_array,
     "missing item": lambda step_dir: shutil.rmtree(f"{step_dir}/state"),
@@ -59,10 +69,7 @@ CORRUPTIONS = {
 @pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
 def test_unreadable_latest_falls_back_with_a_warning(saved, tmp_path, caplog, corruption):
   exp, source = saved
-  workdir = tmp_path / "run"
-  shutil.copytree(source, workdir)
-  CORRUPTIONS[corruption](workdir / "checkpoints" / "3")
-  ckpt = checkpointing.Checkpointer(str(workdir), every_steps=1, max_to_keep=5)
+  workdir, ckpt = _damaged_copy(source, tmp_path, CORRUPTIONS[corruption])
   with caplog.at_level(logging.WARNING):
     state = ckpt.restore(exp.abstract_state())
   assert int(state.step) == 2
@@ -75,10 +82,7 @@ def test_unreadable_latest_falls_back_with_a_warning(saved, tmp_path, caplog, co
 
 def test_resuming_sets_the_bad_step_aside_and_can_save_it_again(saved, tmp_path):
   exp, source = saved
-  workdir = tmp_path / "run"
-  shutil.copytree(source, workdir)
-  _truncate_largest_array(workdir / "checkpoints" / "3")
-  ckpt = checkpointing.Checkpointer(str(workdir), every_steps=1, max_to_keep=5)
+  workdir, ckpt = _damaged_copy(source, tmp_path, _truncate_largest_array)
   state = ckpt.restore(exp.abstract_state(), set_aside_unreadable=True)
   assert int(state.step) == 2
   moved = workdir / checkpointing.CORRUPT_SUBDIR / "3"
@@ -92,11 +96,7 @@ def test_resuming_sets_the_bad_step_aside_and_can_save_it_again(saved, tmp_path)
 
 def test_no_readable_checkpoint_names_the_folder_and_deletes_nothing(saved, tmp_path):
   exp, source = saved
-  workdir = tmp_path / "run"
-  shutil.copytree(source, workdir)
-  for step in (1, 2, 3):
-    _truncate_largest_array(workdir / "checkpoints" / str(step))
-  ckpt = checkpointing.Checkpointer(str(workdir), every_steps=1, max_to_keep=5)
+  workdir, ckpt = _damaged_copy(source, tmp_path, _truncate_largest_array, steps=(1, 2, 3))
   with pytest.raises(RuntimeError, match=f"No readable checkpoint under {workdir}/checkpoints"):
     ckpt.restore(exp.abstract_state(), set_aside_unreadable=True)
   assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2", "3"]
@@ -105,10 +105,7 @@ def test_no_readable_checkpoint_names_the_folder_and_deletes_nothing(saved, tmp_
 
 def test_an_explicit_step_does_not_fall_back(saved, tmp_path):
   exp, source = saved
-  workdir = tmp_path / "run"
-  shutil.copytree(source, workdir)
-  _truncate_largest_array(workdir / "checkpoints" / "3")
-  ckpt = checkpointing.Checkpointer(str(workdir), every_steps=1, max_to_keep=5)
+  _, ckpt = _damaged_copy(source, tmp_path, _truncate_largest_array)
   with pytest.raises(Exception, match="reading array"):
     ckpt.restore(exp.abstract_state(), step=3)
   assert int(ckpt.restore(exp.abstract_state(), step=2).step) == 2

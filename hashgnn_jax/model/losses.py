@@ -23,6 +23,12 @@ def logit_scale(kind: str, hash_bits: int) -> float:
                    "cosine.")
 
 
+def _unit_rows(x: jax.Array) -> jax.Array:
+  """Rows scaled to norm 1: [n, K] -> [n, K]. The floor keeps an all-zero row (tanh of zero
+  logits) finite; ±1 rows have norm √K."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+
+
 def pair_scores(codes: jax.Array, num_examples: int, scale: float,
                 cosine: bool = False) -> tuple[jax.Array, jax.Array]:
   """Scaled inner products (of unit rows, with `cosine`) of each user with its positive and its
@@ -32,8 +38,7 @@ def pair_scores(codes: jax.Array, num_examples: int, scale: float,
   (positive [b], negative [b, T]).
   """
   if cosine:
-    # The floor keeps an all-zero row (tanh of zero logits) finite; ±1 rows have norm √K.
-    codes = codes / jnp.maximum(jnp.linalg.norm(codes, axis=-1, keepdims=True), 1e-6)
+    codes = _unit_rows(codes)
   users = codes[:num_examples]
   positives = codes[num_examples:2 * num_examples]
   negatives = codes[2 * num_examples:].reshape(num_examples, -1, codes.shape[-1])
@@ -105,8 +110,7 @@ def inbatch_softmax_loss(users: jax.Array, items: jax.Array, offset: jax.Array,
   Scores as `pair_scores`. Mean over the b users.
   """
   if cosine:
-    users, items = (x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
-                    for x in (users, items))
+    users, items = _unit_rows(users), _unit_rows(items)
   logits = jnp.where(collides, -jnp.inf, users @ items.T * scale - log_q[None, :])  # [b, B]
   own = offset + jnp.arange(users.shape[0])
   log_p = jax.nn.log_softmax(logits, axis=-1)
@@ -158,10 +162,10 @@ def hashgnn_loss(codes: jax.Array, num_examples: int, loss_config, hash_bits: in
   # (a saturated sigmoid, say) must not reach the loss or the gradient of a run without it.
   parts = {"cross_loss": cross, "rank_loss": rank}
   weighted = [(loss_config.cross_weight, cross), (loss_config.rank_weight, rank)]
-  if loss_config.inbatch_weight and batch_items is None:
-    raise ValueError(f"config.loss.inbatch_weight={loss_config.inbatch_weight} needs the "
-                     "batch's positives (batch_items).")
   if loss_config.inbatch_weight:
+    if batch_items is None:
+      raise ValueError(f"config.loss.inbatch_weight={loss_config.inbatch_weight} needs the "
+                       "batch's positives (batch_items).")
     parts["inbatch_loss"] = inbatch_softmax_loss(
         codes[:num_examples], batch_items.codes, batch_items.offset, batch_items.collides,
         batch_items.log_q, scale, loss_config.logit_scale == "cosine")

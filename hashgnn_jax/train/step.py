@@ -110,7 +110,8 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
 
   def train_step(state, graph, edge_order, rng, shard_id):
     within = shard_id * local + jnp.arange(local, dtype=jnp.int32)  # Position in global batch.
-    edge_ids = edge_order[(state.step % per_epoch) * batch_size + within]
+    batch_start = (state.step % per_epoch) * batch_size  # Of the global batch in the epoch.
+    edge_ids = edge_order[batch_start + within]
     sample_key, guide_key = jax.random.split(jax.random.fold_in(rng, state.step))
     batch, row_ids, row_valid, marks = sample(
         graph, edge_ids, sampler.example_keys(sample_key, within), sample_key, state.node_marks)
@@ -118,9 +119,8 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
     collides = log_q = None
     if inbatch:
       # Every device reads the whole global batch's positive items (cheap: B ids).
-      step_items = edge_order[(state.step % per_epoch) * batch_size
-                              + jnp.arange(batch_size, dtype=jnp.int32)]
-      _, items = sampler.edge_endpoints(graph, step_items)  # [B]
+      _, items = sampler.edge_endpoints(
+          graph, edge_order[batch_start + jnp.arange(batch_size, dtype=jnp.int32)])  # [B]
       collides = ((items[within][:, None] == items[None, :])
                   & (within[:, None] != jnp.arange(batch_size)[None, :]))  # [b, B]
       log_q = jnp.log((graph.indptr[items + 1] - graph.indptr[items]).astype(jnp.float32))

@@ -136,7 +136,7 @@ def worker(args) -> dict:
   model = model_lib.create_model(config.model, num_users, num_items, config.hash, config.loss)
   per_epoch = schedules.steps_per_epoch(graph.num_edges, args.batch)
   tx = optim.create_optimizer(config.train, schedules.total_steps(config.train, per_epoch))
-  replicated, shard_ids = step_lib.device_layout(devices)
+  replicated, shard_inputs = step_lib.device_layout(devices)
   state = jax.device_put(
       state_lib.create_train_state(model, tx, jax.random.PRNGKey(0), update), replicated)
   device_graph = graph_lib.to_device(graph, replicated)
@@ -166,13 +166,13 @@ def worker(args) -> dict:
     return float(np.median(times))
 
   compile_start = time.perf_counter()
-  state, metrics = step_fn(state, device_graph, order, rng, shard_ids)
+  state, metrics = step_fn(state, device_graph, order, rng, shard_inputs)
   jax.block_until_ready(metrics)
   compile_seconds = time.perf_counter() - compile_start
 
   def one_step():
     nonlocal state, metrics
-    state, metrics = step_fn(state, device_graph, order, rng, shard_ids)
+    state, metrics = step_fn(state, device_graph, order, rng, shard_inputs)
     return metrics
 
   step_seconds = timed(one_step, args.steps)

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from hashgnn_jax import config_lib
+from hashgnn_jax import distributed
 from hashgnn_jax.data import graph as graph_lib
 from hashgnn_jax.data import loader
 from hashgnn_jax.evaluation import evaluate as evaluate_lib
@@ -23,16 +24,31 @@ from hashgnn_jax.train import checkpointing
 from hashgnn_jax.train import optim
 from hashgnn_jax.train import schedules
 from hashgnn_jax.train import state as state_lib
+from hashgnn_jax.train import step as step_lib
 
 
 def select_devices(train_config) -> list[jax.Device]:
-  devices = jax.local_devices()
+  """The training devices: each process's first `train.num_devices` local ones (all if 0).
+
+  In process order, so device i of the list holds examples [i·b, (i + 1)·b) of every global
+  batch: N processes of D devices take the positions 1 process of N·D devices would.
+  """
+  per_process = jax.local_device_count()
   if train_config.num_devices > 0:
-    if train_config.num_devices > len(devices):
+    if train_config.num_devices > per_process:
       raise ValueError(f"config.train.num_devices={train_config.num_devices} but only "
-                       f"{len(devices)} local devices exist.")
-    devices = devices[:train_config.num_devices]
-  return devices
+                       f"{per_process} local devices exist.")
+    per_process = train_config.num_devices
+  by_process = {}
+  for device in jax.devices():
+    by_process.setdefault(device.process_index, []).append(device)
+  counts = {p: len(d) for p, d in by_process.items()}
+  if min(counts.values()) < per_process:
+    raise ValueError(f"Processes hold different numbers of devices ({counts}); "
+                     f"config.train.num_devices={train_config.num_devices} needs {per_process} "
+                     "on each.")
+  return [d for p in sorted(by_process)
+          for d in sorted(by_process[p], key=lambda d: d.id)[:per_process]]
 
 
 class Experiment:
@@ -42,6 +58,8 @@ class Experiment:
     config_lib.validate(config)
     self.config = config
     self.devices = select_devices(config.train)
+    # This process's share of them: where it builds arrays and evaluates.
+    self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
     self.dataset = loader.load_dataset(config.data)
     self.graph = graph_lib.build_graph(self.dataset.train_users, self.dataset.train_items,
                                        self.dataset.num_users, self.dataset.num_items)
@@ -57,7 +75,7 @@ class Experiment:
 
   def initial_state(self) -> state_lib.TrainState:
     """Fresh parameters, or `train.init_from`'s run's (see `state.with_trained`)."""
-    with jax.default_device(self.devices[0]):
+    with jax.default_device(self.local_devices[0]):
       state = state_lib.create_train_state(self.model, self.tx, self.init_rng,
                                            self.config.train.embedding_update)
       source = self.config.train.init_from
@@ -73,18 +91,26 @@ class Experiment:
       return state.replace(params=params)
 
   def abstract_state(self):
+    """The train state's shapes, replicated over `devices`: the restore target's layout."""
     shapes = jax.eval_shape(lambda: state_lib.create_train_state(self.model, self.tx, self.init_rng,
                                                        self.config.train.embedding_update))
-    return checkpointing.abstract_like(shapes, self.devices[0])
+    return checkpointing.abstract_like(shapes, self.replicated)
+
+  @functools.cached_property
+  def replicated(self) -> jax.sharding.NamedSharding:
+    """Every training device holding the whole array: the layout of state and graph."""
+    return step_lib.replicated_sharding(self.devices)
 
   def checkpointer(self, workdir: str) -> checkpointing.Checkpointer:
     return checkpointing.Checkpointer(workdir, every_steps=self.config.checkpoint.every_steps,
-                                      max_to_keep=self.config.checkpoint.max_to_keep)
+                                      max_to_keep=self.config.checkpoint.max_to_keep,
+                                      sharding=self.replicated)
 
   def best_checkpointer(self, workdir: str) -> checkpointing.Checkpointer:
     """Keeps the checkpoint with the best validation `eval.best_metric`."""
     return checkpointing.Checkpointer(workdir, every_steps=1, max_to_keep=1,
-                                      subdir="checkpoints_best", keep_best=True)
+                                      subdir="checkpoints_best", keep_best=True,
+                                      sharding=self.replicated)
 
   @property
   def has_validation(self) -> bool:
@@ -99,7 +125,8 @@ class Experiment:
       known = self.known_at_test
     else:
       raise ValueError(f"Unknown split {split!r}; expected 'valid' or 'test'.")
-    return evaluate_lib.evaluate(self.model, params, self.graph, users, items, self.config.eval,
+    # Encoding and scoring run on this process's devices, from its copy of the parameters.
+    return evaluate_lib.evaluate(self.model, distributed.local_copy(params), self.graph, users, items, self.config.eval,
                                  step=step, split=split, known=known)
 
   @functools.cached_property
@@ -133,7 +160,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   params, step = restore_params(exp, workdir, step, which)
   record = exp.evaluate(params, step, "test")
   record["checkpoint"] = which
-  if jax.process_index() == 0:
+  if distributed.is_main():
     writer = reporting.MetricsWriter(workdir)
     writer.write_eval(record)
     writer.close()
@@ -142,7 +169,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
 
 def restore_params(exp: Experiment, workdir: str, step: int | None,
                    which: str) -> tuple[dict, int]:
-  """(parameters, step) of checkpoint `which` ("latest", at `step` if given, or "best").
+  """(parameters on this process's devices, step) of checkpoint `which` ("latest", at `step` if
+  given, or "best").
 
   The optimizer state is dropped as soon as it is read: at Alibaba size its moments are 2.4 GB
   that encoding and scoring do not need.
@@ -157,4 +185,4 @@ def restore_params(exp: Experiment, workdir: str, step: int | None,
                               "validation split (config.data.valid_fraction) or no evaluation.")
   state = ckpt.restore(exp.abstract_state(), step, exp.config.to_dict())
   ckpt.close()
-  return state.params, int(state.step)
+  return distributed.local_copy(state.params), int(state.step)

@@ -12,6 +12,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from hashgnn_jax import distributed
 from hashgnn_jax.evaluation import reporting
 from hashgnn_jax import experiment as experiment_lib
 from hashgnn_jax import hostmem
@@ -36,6 +37,21 @@ flags.DEFINE_bool("reuse_host_memory", True,
                   "(hashgnn_jax/hostmem.py); up to "
                   f"{hostmem.DEFAULT_MAX_BLOCK_BYTES / 2**30:g} GiB of freed memory then stays "
                   "in the process. Not applied with an accelerator, where it is unmeasured.")
+flags.DEFINE_enum("distributed", "auto", distributed.MODES,
+                  "Join a multi-process run with jax.distributed.initialize: on, off, or auto "
+                  "(when --coordinator_address / JAX_COORDINATOR_ADDRESS is set or Slurm or Open "
+                  "MPI started several processes); see hashgnn_jax/distributed.py.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0's coordination service (default: "
+                    "JAX_COORDINATOR_ADDRESS, else detected by JAX on TPU pods and Slurm).")
+flags.DEFINE_integer("num_processes", None,
+                     "Processes in the run (default: JAX_NUM_PROCESSES, else detected).")
+flags.DEFINE_integer("process_id", None,
+                     "This process's index in [0, num_processes) (default: JAX_PROCESS_ID, else "
+                     "detected).")
+flags.DEFINE_integer("heartbeat_timeout_seconds", 100,
+                     "With several processes: after this long without news of a process, the "
+                     "others stop with an error instead of waiting for it.")
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -51,11 +67,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_DropOrbaxInfo())
-  if FLAGS.reuse_host_memory and hostmem.jax_runs_on_cpu_only():
+  cpu_only = hostmem.jax_runs_on_cpu_only()
+  if FLAGS.reuse_host_memory and cpu_only:
     # Before JAX's first call starts its threads: a thread keeps the malloc arena it first used.
     hostmem.reuse_freed_memory()
-  logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
-               jax.local_devices())
+  distributed.initialize(FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
+                         num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+                         heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds,
+                         cpu_only=cpu_only)
+  logging.info("%s", distributed.describe())
   if FLAGS.mode == "export":
     path = export.export_checkpoint(FLAGS.config, FLAGS.workdir, step=FLAGS.step,
                                     which=FLAGS.checkpoint)
@@ -73,7 +93,7 @@ def main(argv):
     print(f"Stopped by {record['interrupted']} at step {record['step']} of "
           f"{record['num_steps']}; rerun the same command to resume.")
     return
-  if jax.process_index() == 0:
+  if distributed.is_main():
     print(reporting.format_table(record))
 
 

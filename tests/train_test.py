@@ -37,7 +37,7 @@ def _config(**overrides):
 
 def _run_steps(exp, devices, num_steps, state=None, set_sizes=None):
   """Runs `num_steps` pmapped steps on `devices` the way train_and_evaluate does."""
-  replicated, shard_ids = step_lib.device_layout(devices)
+  replicated, shard_inputs = step_lib.device_layout(devices)
   graph = graph_lib.to_device(exp.graph, replicated)
   if set_sizes == "fit":
     set_sizes = step_lib.fit_set_sizes(exp.config, graph, devices)
@@ -50,7 +50,7 @@ def _run_steps(exp, devices, num_steps, state=None, set_sizes=None):
     epoch = int(state.step) // exp.per_epoch
     order = jax.device_put(sampler.epoch_order(exp.order_rng, epoch, exp.graph.num_edges),
                            replicated)
-    state, metrics = step_fn(state, graph, order, exp.step_rng, shard_ids)
+    state, metrics = step_fn(state, graph, order, exp.step_rng, shard_inputs)
   return state, metrics, step_fn
 
 
@@ -137,11 +137,11 @@ def test_trim_sets_setting(experiment, monkeypatch):
 def test_overflowing_step_changes_nothing_and_the_stepper_reruns_it(update):
   experiment = experiment_lib.Experiment(_config(train__embedding_update=update))
   devices = jax.local_devices()[:2]
-  replicated, shard_ids = step_lib.device_layout(devices)
+  replicated, shard_inputs = step_lib.device_layout(devices)
   graph = graph_lib.to_device(experiment.graph, replicated)
   order = jax.device_put(sampler.epoch_order(experiment.order_rng, 0, experiment.graph.num_edges),
                          replicated)
-  args = (graph, order, experiment.step_rng, shard_ids)
+  args = (graph, order, experiment.step_rng, shard_inputs)
   fresh = lambda: jax.device_put(experiment.initial_state(), replicated)
   too_small = (32, 1024, 1024)  # Fewer slots than the batch's distinct targets.
   start = experiment.initial_state()

@@ -5,6 +5,7 @@ import os
 import ml_collections
 
 from hashgnn_jax import config_lib
+from hashgnn_jax import distributed
 from hashgnn_jax.data import dataset
 from hashgnn_jax.data import formats
 from hashgnn_jax.data import prepare
@@ -25,7 +26,9 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> dataset.Dataset:
     raise FileNotFoundError(f"config.data.path is empty: {hint}")
   if not os.path.exists(path):
     raise FileNotFoundError(f"config.data.path={path!r} does not exist: {hint}")
-  return prepare.load_or_prepare(data_config)
+  # Every process reads the prepared cache; process 0 alone writes it when missing or stale.
+  return distributed.main_first("prepared data set",
+                                lambda: prepare.load_or_prepare(data_config))
 
 
 def _build_synthetic(data_config: ml_collections.ConfigDict) -> dataset.Dataset:

@@ -4,6 +4,9 @@ Protocol ("standard"): users with at least one held-out item are evaluated; thei
 are excluded from the ranking unless `eval.exclude_train` is off; the whole catalogue is ranked;
 ties break by a seeded item order (`retrieval.codes.tie_break_order`).
 
+With several processes (`hashgnn_jax.distributed`), each scores every P-th user chunk on its own
+devices and the hit lists are gathered in chunk order, so the metrics equal one process's.
+
 At Alibaba scale (600k users × 4.2M items) `eval.max_users` evaluates a seeded sample of those
 users, the same one for every mode, protocol and evaluation of a run; the record says how many
 users were evaluated out of how many and whether they were a sample.
@@ -12,8 +15,10 @@ users were evaluated out of how many and whether they were a sample.
 import time
 
 from absl import logging
+import jax
 import numpy as np
 
+from hashgnn_jax import distributed
 from hashgnn_jax.data import graph as graph_lib
 from hashgnn_jax.evaluation import metrics as metrics_lib
 from hashgnn_jax.evaluation import popularity as popularity_lib
@@ -110,9 +115,15 @@ def evaluate_codes(codes: np.ndarray, graph: graph_lib.BipartiteGraph, split_use
   modes = tuple(eval_config.modes) + tuple(extra) + ("popularity",)
   hits = {(p, m): [] for p in eval_config.protocols for m in modes}
   seconds = dict.fromkeys(hits, 0.0)
-  progress = _Progress(-(-len(eval_users) // eval_config.user_chunk), len(eval_users))
-  for done, (chunk_users, real) in enumerate(
-      _user_chunks(eval_users, eval_config.user_chunk), start=1):
+  rank, num_parts = jax.process_index(), jax.process_count()
+  num_chunks = -(-len(eval_users) // eval_config.user_chunk)
+  progress = _Progress(len(range(rank, num_chunks, num_parts)), len(eval_users))
+  done = 0
+  for chunk_index, (chunk_users, real) in enumerate(
+      _user_chunks(eval_users, eval_config.user_chunk)):
+    if chunk_index % num_parts != rank:
+      continue
+    done += 1
     # One exclusion list per chunk, shared by every mode.
     known_items = known.padded_user_items(chunk_users) if any(excluding.values()) else None
     pairs = slice(*np.searchsorted(split_users, [chunk_users[0], chunk_users[real - 1] + 1]))
@@ -133,9 +144,12 @@ def evaluate_codes(codes: np.ndarray, graph: graph_lib.BipartiteGraph, split_use
         hits[protocol, mode].append(metrics_lib.hit_matrix(
             ranked[:real], chunk_users[:real], split_users[pairs], split_items[pairs], num_items))
     progress.update(done)
+  hits = {key: np.concatenate(parts) if parts else None for key, parts in hits.items()}
+  if num_parts > 1:
+    hits = _gather_chunks(hits, len(eval_users), eval_config.user_chunk)
   by_protocol = {
       p: {m: metrics_lib.summarize(metrics_lib.ranking_metrics(
-          np.concatenate(hits[p, m]), num_held_out,
+          hits[p, m], num_held_out,
           tuple(n for n in cutoffs if n <= extra.get(m, n)), protocol=p)) for m in modes}
       for p in eval_config.protocols}
   return {
@@ -145,6 +159,32 @@ def evaluate_codes(codes: np.ndarray, graph: graph_lib.BipartiteGraph, split_use
       "num_split_users": len(split_user_ids),
       "user_sample": len(eval_users) < len(split_user_ids),
   }
+
+
+def _gather_chunks(hits: dict, num_users: int, chunk: int) -> dict:
+  """Every process's hit rows {key: bool [n_p, w_key]} (chunks p, p + P, ... of `chunk` users)
+  as every user's, in user order: {key: bool [num_users, w_key]}. One exchange for all keys."""
+  keys = list(hits)
+  widths = [hits[key].shape[1] if hits[key] is not None else 0 for key in keys]
+  # A process with no chunk learns the widths from the others' (all equal where rows exist).
+  widths = [int(w) for w in np.max(np.stack(distributed.gather_rows(np.asarray([widths]))), 0)[0]]
+  first = next((h for h in hits.values() if h is not None), None)
+  rows = 0 if first is None else len(first)  # This process's users: the same for every key.
+  packed = np.zeros((rows, sum(widths)), bool)
+  for key, start, width in zip(keys, np.cumsum([0] + widths[:-1]), widths):
+    if hits[key] is not None:
+      packed[:, start:start + width] = hits[key]
+  parts = distributed.gather_rows(packed)
+  offsets = [0] * len(parts)
+  ordered = []
+  num_parts = len(parts)
+  for chunk_index, start in enumerate(range(0, num_users, chunk)):
+    real, part = min(chunk, num_users - start), chunk_index % num_parts
+    ordered.append(parts[part][offsets[part]:offsets[part] + real])
+    offsets[part] += real
+  packed = np.concatenate(ordered)
+  return {key: packed[:, start:start + width]
+          for key, start, width in zip(keys, np.cumsum([0] + widths[:-1]), widths)}
 
 
 def evaluate(model, params, graph: graph_lib.BipartiteGraph, split_users: np.ndarray,

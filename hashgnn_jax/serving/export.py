@@ -12,11 +12,11 @@ import secrets
 import shutil
 
 from absl import logging
-import jax
 import ml_collections
 import numpy as np
 
 from hashgnn_jax.data import graph as graph_lib
+from hashgnn_jax import distributed
 from hashgnn_jax import experiment as experiment_lib
 from hashgnn_jax import fileio
 from hashgnn_jax.model import encode
@@ -38,7 +38,7 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, step: 
   params, step = experiment_lib.restore_params(exp, workdir, step, which)
   node_z = encode.encode_nodes(exp.model, params, exp.graph,
                                edge_chunk=config.eval.edge_chunk)  # [U + I, K]
-  if jax.process_index() != 0:
+  if not distributed.is_main():
     return None
   path = write_export(os.path.join(workdir, SUBDIR), node_z=node_z, known=exp.known_at_test,
                       user_ids=exp.dataset.user_ids, item_ids=exp.dataset.item_ids,

@@ -7,6 +7,8 @@ from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
+from hashgnn_jax import distributed
+
 # Where a run's unreadable checkpoints go when it resumes past them (`Checkpointer.restore`).
 CORRUPT_SUBDIR = "checkpoints_corrupt"
 
@@ -19,8 +21,14 @@ class Checkpointer:
   """Periodic, asynchronous saves and restores onto this run's device."""
 
   def __init__(self, workdir: str, *, every_steps: int, max_to_keep: int,
-               subdir: str = "checkpoints", keep_best: bool = False):
-    """With `keep_best`, keeps only the `max_to_keep` saves of highest `metrics["score"]`."""
+               subdir: str = "checkpoints", keep_best: bool = False,
+               sharding: jax.sharding.NamedSharding | None = None):
+    """With `keep_best`, keeps only the `max_to_keep` saves of highest `metrics["score"]`.
+
+    sharding: the replicated layout of the saved state over every process's devices, needed
+    when several processes save (`distributed.as_global`).
+    """
+    self._sharding = sharding
     self.directory = os.path.join(os.path.abspath(workdir), subdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
@@ -48,11 +56,18 @@ class Checkpointer:
     Orbax writes to a temporary folder and renames it when complete, so a crash never leaves a
     checkpoint that restore would pick up half-written.
     """
+    # Decided here, once, so the state is converted only for a save (not on every step).
+    if not (force or self._manager.should_save(step)):
+      return False
+    if jax.process_count() > 1:
+      if self._sharding is None:
+        raise ValueError("Saving from several processes needs the Checkpointer's sharding.")
+      state = distributed.as_global(state, self._sharding)
     return self._manager.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                 config=ocp.args.JsonSave(config_dict)),
-        force=force,
+        force=True,
         metrics=None if score is None else {"score": float(score)},
     )
 
@@ -112,7 +127,7 @@ class Checkpointer:
   def _set_aside(self, steps: list[int]) -> None:
     """Moves unreadable step folders out of Orbax's sight, so the run can save those steps."""
     corrupt = os.path.join(os.path.dirname(self.directory), CORRUPT_SUBDIR)
-    if jax.process_index() == 0:
+    if distributed.is_main():
       os.makedirs(corrupt, exist_ok=True)
       for step in steps:
         target = os.path.join(corrupt, str(step))
@@ -123,6 +138,7 @@ class Checkpointer:
         os.replace(os.path.join(self.directory, str(step)), target)
         logging.warning("Moved the unreadable checkpoint of step %d to %s (kept for inspection).",
                         step, target)
+    distributed.barrier("unreadable checkpoints set aside")
     self._manager.reload()
 
   def _differences(self, step: int, config_dict: dict | None) -> str:
@@ -181,7 +197,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
   return flat
 
 
-def abstract_like(tree, device: jax.Device):
-  """ShapeDtypeStructs of `tree` placed on `device`: the restore target's layout."""
-  sharding = jax.sharding.SingleDeviceSharding(device)
+def abstract_like(tree, sharding: jax.sharding.Sharding):
+  """ShapeDtypeStructs of `tree` with `sharding`: the restore target's layout.
+
+  Orbax reads a checkpoint into whatever devices the sharding names, so a run restores one
+  written on another number of devices or processes.
+  """
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)

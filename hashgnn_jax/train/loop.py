@@ -8,6 +8,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from hashgnn_jax import distributed
 from hashgnn_jax.data import graph as graph_lib
 from hashgnn_jax.evaluation import reporting
 from hashgnn_jax import experiment as experiment_lib
@@ -21,13 +22,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   A SIGTERM or SIGINT stops training after the step in flight, with a checkpoint at the step
   reached, and returns {"interrupted": signal name, "step", "num_steps"} without evaluating.
+  With several processes, a signal to any of them stops all at the same step.
   """
   exp = experiment_lib.Experiment(config)
   devices = exp.devices
-  logging.info("Devices: %d local (%s); dataset: %s", len(devices), devices[0].platform,
-               exp.dataset.summary())
-  is_main = jax.process_index() == 0
-  writer = reporting.MetricsWriter(workdir) if is_main else None
+  logging.info("Devices: %d in all, %d of them here (%s); dataset: %s", len(devices),
+               len(exp.local_devices), devices[0].platform, exp.dataset.summary())
+  writer = reporting.MetricsWriter(workdir) if distributed.is_main() else None
   ckpt = exp.checkpointer(workdir)
 
   config_dict = config.to_dict()
@@ -36,10 +37,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = ckpt.restore(exp.abstract_state(), config_dict=config_dict, set_aside_unreadable=True)
     logging.info("Resumed from step %d.", int(state.step))
 
-  replicated, shard_ids = step_lib.device_layout(devices)
+  replicated = exp.replicated
+  # A stop request rides in the step's mapped input, so the processes agree on it for free.
+  inputs = {stop: step_lib.shard_inputs(devices, stop=stop) for stop in (False, True)}
   # The step returns state replicated over `devices`; giving it the same layout from the start
-  # keeps the first call from tracing a second time.
-  state = jax.device_put(state, replicated)
+  # keeps the first call from tracing a second time. Through the host where other processes
+  # hold some of the devices: an array on one device is not placed across processes.
+  state = jax.device_put(state if jax.process_count() == 1 else jax.device_get(state), replicated)
   graph = graph_lib.to_device(exp.graph, replicated)
   order_fn = jax.jit(functools.partial(sampler.epoch_order, num_edges=exp.graph.num_edges),
                      out_shardings=replicated)
@@ -63,20 +67,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   window_start, window_steps = time.perf_counter(), 0
   logging.info("Training steps %d..%d (%d per epoch, batch %d on %d devices).", step,
                exp.num_steps, exp.per_epoch, config.train.batch_size, len(devices))
+  stopping = None  # The signal that stopped the run, as this process heard of it.
   with signals.StopOnSignal() as stop:
-    while step < exp.num_steps and not stop.requested:
+    while step < exp.num_steps and not stopping:
       if step // exp.per_epoch != epoch:
         epoch = step // exp.per_epoch
         edge_order = order_fn(exp.order_rng, epoch)
       previous = metrics
-      state, metrics = p_train_step(state, graph, edge_order, exp.step_rng, shard_ids)
+      state, metrics = p_train_step(state, graph, edge_order, exp.step_rng,
+                                    inputs[bool(stop.requested)])
       # At most two steps in flight: with dozens queued, XLA's CPU runtime deadlocked in the
       # all-reduce of fake devices on 2 cores (BUILD_NOTES.md); one queued step keeps a GPU busy.
       jax.block_until_ready(previous)
       step += 1
+      if previous is not None and float(previous["stop"]):
+        # Some process asked before the step before this one; all of them read it here and
+        # stop after the same step.
+        stopping = stop.requested or "a signal to another process"
       window_steps += 1
       if step % log_every == 0 or step == exp.num_steps:
-        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        scalars = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "stop"}
         elapsed = time.perf_counter() - window_start
         scalars["steps_per_second"] = window_steps / max(elapsed, 1e-9)
         eta = (exp.num_steps - step) / scalars["steps_per_second"]
@@ -95,13 +105,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   ckpt.save(step, state, config_dict, force=step not in ckpt.all_steps())
   ckpt.close()
-  if stop.requested:
+  if stopping:
     best.close()
     if writer:
       writer.close()
     logging.warning("Stopped by %s at step %d of %d; checkpoint saved under %s. Rerun the same "
-                    "command to resume.", stop.requested, step, exp.num_steps, ckpt.directory)
-    return {"interrupted": stop.requested, "step": step, "num_steps": exp.num_steps}
+                    "command to resume.", stopping, step, exp.num_steps, ckpt.directory)
+    return {"interrupted": stopping, "step": step, "num_steps": exp.num_steps}
   if not exp.has_validation:
     record = exp.evaluate(state.params, step, "test")
   else:

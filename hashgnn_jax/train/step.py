@@ -34,10 +34,12 @@ def local_batch_size(config: ml_collections.ConfigDict, devices: list[jax.Device
 def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict, per_epoch: int,
                     devices: list[jax.Device], set_sizes: tuple[int, ...] | None = None):
-  """The pmapped step: (state, graph, edge_order, rng, shard_ids) -> (state, metrics).
+  """The pmapped step: (state, graph, edge_order, rng, shard_inputs) -> (state, metrics).
 
-  state, graph, edge_order and rng go in unreplicated (in_axes None); shard_ids, a device-resident
-  arange over devices, is the one mapped input. State and metrics come back unreplicated.
+  state, graph, edge_order and rng go in unreplicated (in_axes None); shard_inputs [n, 2], a
+  device-resident (shard id, stop request) per device (`shard_inputs`), is the one mapped input.
+  State and metrics come back unreplicated; metrics["stop"] is 1 where any device's process asked
+  to stop, so every process reads the same answer (`train.loop`).
   set_sizes ("node" mode, `sampler.fit_set_sizes`) bounds the node sets; a step whose sample does
   not fit them on some device changes nothing and reports metrics["trimmed"] = 0 (`make_stepper`
   then runs it untrimmed).
@@ -108,7 +110,8 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
       return out, out  # z = u: trained as it is served.
     return model_lib.guided_codes(out, keep), out  # z mixed with its STE sign (p = 1: z).
 
-  def train_step(state, graph, edge_order, rng, shard_id):
+  def train_step(state, graph, edge_order, rng, shard_input):
+    shard_id, stop = shard_input[0], shard_input[1]
     within = shard_id * local + jnp.arange(local, dtype=jnp.int32)  # Position in global batch.
     batch_start = (state.step % per_epoch) * batch_size  # Of the global batch in the epoch.
     edge_ids = edge_order[batch_start + within]
@@ -190,6 +193,7 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
     else:
       opt_state = dense_state
     metrics["guidance_p"] = jnp.asarray(p, jnp.float32)
+    metrics["stop"] = (jax.lax.psum(stop, AXIS) > 0).astype(jnp.float32)
     return state.replace(step=state.step + jnp.asarray(complete, jnp.int32), params=params,
                          opt_state=opt_state, node_marks=marks), metrics
 
@@ -228,23 +232,35 @@ def make_stepper(model: model_lib.HashGNN, tx: optax.GradientTransformation,
     return untrimmed
   trimmed = make_train_step(model, tx, config, per_epoch, devices, set_sizes)
 
-  def step(state, graph, edge_order, rng, shard_ids):
-    state, metrics = trimmed(state, graph, edge_order, rng, shard_ids)
+  def step(state, graph, edge_order, rng, shard_inputs):
+    state, metrics = trimmed(state, graph, edge_order, rng, shard_inputs)
     if float(metrics["trimmed"]):
       return state, metrics
     logging.info("Step %d: a sample overflowed the trimmed node sets; ran untrimmed.",
                  int(state.step))
-    state, metrics = untrimmed(state, graph, edge_order, rng, shard_ids)
+    state, metrics = untrimmed(state, graph, edge_order, rng, shard_inputs)
     metrics["trimmed"] = jnp.zeros((), jnp.float32)
     return state, metrics
 
   return step
 
 
-def device_layout(devices: list[jax.Device]) -> tuple[jax.sharding.Sharding, jax.Array]:
-  """The replicated sharding over `devices`, and the step's mapped input: shard ids [n]."""
+def replicated_sharding(devices: list[jax.Device]) -> jax.sharding.NamedSharding:
+  """Every one of `devices` (those of all processes) holding the whole array."""
   mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  shard_ids = jax.device_put(np.arange(len(devices), dtype=np.int32),
-                             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS)))
-  return replicated, shard_ids
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def device_layout(devices: list[jax.Device]) -> tuple[jax.sharding.Sharding, jax.Array]:
+  """The replicated sharding over `devices`, and the step's mapped input with no stop request."""
+  return replicated_sharding(devices), shard_inputs(devices, stop=False)
+
+
+def shard_inputs(devices: list[jax.Device], *, stop: bool) -> jax.Array:
+  """The step's mapped input: (shard id, stop request) per device, int32 [n, 2].
+
+  Device i of `devices` gets id i; each process places only its own devices' rows.
+  """
+  rows = np.stack([np.arange(len(devices)), np.full(len(devices), int(stop))], 1).astype(np.int32)
+  mesh = replicated_sharding(devices).mesh
+  return jax.device_put(rows, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS)))

@@ -2,15 +2,20 @@
 
   python bench/train_step.py [--shapes=movielens,gowalla,alibaba] [--batches=256,4096]
       [--variants=node/rowwise,node/dense,tree/rowwise,node/rowwise/ib] [--devices=1] [--steps=10]
-      [--host-memory=reuse,default] [--out=bench_train.json] [--cache=/tmp/hashgnn_bench]
-      [--quick] [--prepare-only]
+      [--processes=1,2] [--host-memory=reuse,default] [--out=bench_train.json]
+      [--cache=/tmp/hashgnn_bench] [--quick] [--prepare-only]
 
 Every (shape, batch, variant) runs in its own subprocess, so each reports its own peak RSS
 (embeddings + optimizer state + graph + the step's buffers). A variant is sampler.mode /
 train.embedding_update, optionally / ib for the default variant's in-batch softmax; the first
 listed is the baseline the others are compared with in the same run. `--devices=1,2` also runs
 each on that many devices (host CPU devices split with XLA_FLAGS on a CPU; the batch is global,
-split over the devices). `--host-memory=reuse,default`
+split over the devices). `--processes=1,2` also runs each case as that many JAX processes
+over 127.0.0.1 (jax.distributed with gloo, host CPU devices), the same devices in all split
+among them: against one process of the same devices, the step's extra time is what its
+collectives cost across processes, which the run also times alone (`collective_ms`: the step's
+all-gather of touched rows and their gradients and its pmean of the dense gradients, at the
+step's shapes). `--host-memory=reuse,default`
 also runs each with glibc's malloc left as it is, against `hostmem.reuse_freed_memory()` (what
 `main.py` does) as the baseline. Graphs come from the
 planted-community generator at each data set's sizes (cached as .npz under --cache, since the
@@ -24,15 +29,17 @@ triplet loss with margin 0.2; Adam 1e-3.
 
 Reported per run: ms per step (median of --steps timed steps after a warm-up step), steps/s,
 positive edges/s, the share of step time spent sampling (the sampler jitted alone on the same
-batch), and peak RSS. --quick uses reduced sizes (for bench/gpu.sh's smoke test on a CPU).
+batch; one process only), and peak RSS (of process 0). --quick uses reduced sizes (for bench/gpu.sh's smoke test on a CPU).
 """
 
 import argparse
+import functools
 import itertools
 import json
 import os
 import pathlib
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -107,6 +114,21 @@ def load_pairs(shape: str, scale: float, cache: str):
   return users, items, num_users, num_items
 
 
+def step_collectives(dense, shard_inputs, *, rows: int, dim: int):
+  """What the rowwise step sends between devices, at its shapes, with nothing else: the
+  all-gather of each device's touched row ids [rows] and their gradients [rows, dim]
+  (`optim.combine_row_grads`) and the pmean of the dense gradients (a tree like `dense`)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from hashgnn_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  shard = shard_inputs[0]
+  ids = jax.lax.all_gather(jnp.arange(rows, dtype=jnp.int32) + shard, step_lib.AXIS)
+  grads = jax.lax.all_gather(jnp.full((rows, dim), shard, jnp.float32), step_lib.AXIS)
+  dense = jax.lax.pmean(jax.tree.map(lambda x: x + shard, dense), step_lib.AXIS)
+  # Reduced to scalars so that the output is small and the collectives cannot be dropped.
+  return ids.sum() + grads.sum() + sum(x.sum() for x in jax.tree.leaves(dense))
+
+
 def worker(args) -> dict:
   """One (shape, batch, variant) measurement in this process."""
   if args.host_memory == "reuse":
@@ -116,6 +138,7 @@ def worker(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from hashgnn_jax import distributed  # pylint: disable=g-import-not-at-top
   from hashgnn_jax.data import graph as graph_lib  # pylint: disable=g-import-not-at-top
   from hashgnn_jax.model import network as model_lib  # pylint: disable=g-import-not-at-top
   from hashgnn_jax.train import sampler  # pylint: disable=g-import-not-at-top
@@ -124,23 +147,31 @@ def worker(args) -> dict:
   from hashgnn_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from hashgnn_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
+  multiprocess = args.num_processes > 1
+  if multiprocess:
+    distributed.initialize("on", coordinator_address=args.coordinator,
+                           num_processes=args.num_processes, process_id=args.process_id,
+                           cpu_only=True)
   mode, update, *losses = args.variant.split("/")
   config = benchmark_config(args.batch, mode, update, *losses)
   users, items, num_users, num_items = load_pairs(args.shape, args.scale, args.cache)
   graph = graph_lib.build_graph(users, items, num_users, num_items)
   del users, items
-  devices = jax.local_devices()[:args.num_devices]
+  # In process order, as experiment.select_devices gives them: one process's devices in a row.
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))[:args.num_devices]
   if len(devices) < args.num_devices:
-    raise ValueError(f"--devices={args.num_devices} but only {len(devices)} local devices.")
+    raise ValueError(f"--devices={args.num_devices} but only {len(devices)} devices.")
   local = step_lib.local_batch_size(config, devices)
   model = model_lib.create_model(config.model, num_users, num_items, config.hash, config.loss)
   per_epoch = schedules.steps_per_epoch(graph.num_edges, args.batch)
   tx = optim.create_optimizer(config.train, schedules.total_steps(config.train, per_epoch))
   replicated, shard_inputs = step_lib.device_layout(devices)
+  # Through the host, as train.loop does: an array on one device is not placed across processes.
+  via_host = jax.device_get if multiprocess else lambda x: x
   state = jax.device_put(
-      state_lib.create_train_state(model, tx, jax.random.PRNGKey(0), update), replicated)
+      via_host(state_lib.create_train_state(model, tx, jax.random.PRNGKey(0), update)), replicated)
   device_graph = graph_lib.to_device(graph, replicated)
-  order = jax.device_put(sampler.epoch_order(jax.random.PRNGKey(1), 0, graph.num_edges),
+  order = jax.device_put(via_host(sampler.epoch_order(jax.random.PRNGKey(1), 0, graph.num_edges)),
                          replicated)
   rng = jax.random.PRNGKey(2)
   set_sizes = step_lib.fit_set_sizes(config, device_graph, devices)
@@ -176,19 +207,31 @@ def worker(args) -> dict:
     return metrics
 
   step_seconds = timed(one_step, args.steps)
-  sample_fn = jax.jit(sample_only)
-  marks = graph_lib.empty_marks(graph.num_nodes)
-  jax.block_until_ready(sample_fn(jnp.int32(1), marks))
-  sample_seconds = timed(lambda: sample_fn(jnp.int32(1), marks), args.steps)
+  sample_share = None
+  if not multiprocess:  # Sampling is local work: timed once, in the one-process run.
+    sample_fn = jax.jit(sample_only)
+    marks = graph_lib.empty_marks(graph.num_nodes)
+    jax.block_until_ready(sample_fn(jnp.int32(1), marks))
+    sample_share = round(timed(lambda: sample_fn(jnp.int32(1), marks), args.steps) / step_seconds,
+                         3)
+  collective_seconds = None
+  if len(devices) > 1 and set_sizes and update == "rowwise":
+    collectives = jax.pmap(
+        functools.partial(step_collectives, rows=set_sizes[-1], dim=config.model.embed_dim),
+        axis_name=step_lib.AXIS, in_axes=(None, 0), out_axes=None, devices=devices)
+    dense = state_lib.split_embedding(state.params)[1]
+    jax.block_until_ready(collectives(dense, shard_inputs))
+    collective_seconds = timed(lambda: collectives(dense, shard_inputs), args.steps)
   peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   return {
       "shape": args.shape, "batch": args.batch, "variant": args.variant,
-      "devices": len(devices), "host_memory": args.host_memory,
+      "devices": len(devices), "processes": args.num_processes, "host_memory": args.host_memory,
       "num_users": num_users, "num_items": num_items, "num_edges": int(graph.num_edges),
       "ms_per_step": round(step_seconds * 1e3, 2),
       "steps_per_second": round(1.0 / step_seconds, 2),
       "edges_per_second": round(args.batch / step_seconds, 1),
-      "sample_share": round(sample_seconds / step_seconds, 3),
+      "sample_share": sample_share,
+      "collective_ms": None if collective_seconds is None else round(collective_seconds * 1e3, 2),
       "first_step_seconds": round(compile_seconds, 2),
       "peak_rss_gib": round(peak_rss / 2**30, 3),
       "loss": float(metrics["loss"]),
@@ -199,12 +242,40 @@ def worker(args) -> dict:
   }
 
 
+def run_case(cmd: list[str], num_devices: int, num_processes: int) -> dict:
+  """Runs one worker command as `num_processes` processes of num_devices / num_processes
+  devices each; returns process 0's result, or {"error": [...]} with the first failure's last
+  line."""
+  env = dict(os.environ)
+  per_process = num_devices // num_processes
+  if num_processes > 1:
+    env["JAX_PLATFORMS"] = "cpu"
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      port = s.getsockname()[1]
+    cmd = cmd + [f"--num_processes={num_processes}", f"--coordinator=127.0.0.1:{port}"]
+  if per_process > 1:  # On a CPU, split the host into devices; accelerators ignore it.
+    flag = f"--xla_force_host_platform_device_count={per_process}"
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
+  procs = [subprocess.Popen(cmd + ([f"--process_id={i}"] if num_processes > 1 else []), cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(num_processes)]
+  outputs = [proc.communicate() for proc in procs]
+  for proc, (_, stderr) in zip(procs, outputs):
+    if proc.returncode:
+      return {"error": stderr.strip().splitlines()[-1:]}
+  return json.loads(outputs[0][0].strip().splitlines()[-1])
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shapes", default="movielens,gowalla,alibaba")
   parser.add_argument("--batches", default="256,4096")
   parser.add_argument("--variants", default="node/rowwise,node/dense,tree/rowwise")
   parser.add_argument("--devices", default="1", help="Device counts to run each case on.")
+  parser.add_argument("--processes", default="1",
+                      help="Process counts to run each case as (the devices split among them; "
+                      "more than one: host CPU devices over 127.0.0.1).")
   parser.add_argument("--host-memory", default="reuse",
                       help="Comma-separated, of reuse (hostmem.reuse_freed_memory(), as main.py "
                       "does) and default (glibc's malloc as it is); the first is the baseline.")
@@ -220,9 +291,14 @@ def main():
   parser.add_argument("--variant", help=argparse.SUPPRESS)
   parser.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
   parser.add_argument("--num_devices", type=int, default=1, help=argparse.SUPPRESS)
+  parser.add_argument("--num_processes", type=int, default=1, help=argparse.SUPPRESS)
+  parser.add_argument("--process_id", type=int, default=0, help=argparse.SUPPRESS)
+  parser.add_argument("--coordinator", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    print(json.dumps(worker(args)))
+    result = worker(args)
+    if args.process_id == 0:
+      print(json.dumps(result))
     return
 
   scale = QUICK_SCALE if args.quick else 1.0
@@ -231,37 +307,35 @@ def main():
       load_pairs(shape, scale, args.cache)
     return
   device_counts = [int(n) for n in args.devices.split(",")]
+  process_counts = [int(n) for n in args.processes.split(",")]
   host_memories = args.host_memory.split(",")
   if not set(host_memories) <= {"reuse", "default"}:
     parser.error(f"--host-memory: expected reuse and/or default, got {args.host_memory!r}")
+  for num_devices, num_processes in itertools.product(device_counts, process_counts):
+    if num_devices % num_processes:
+      parser.error(f"--devices={num_devices} cannot be split over --processes={num_processes}.")
   results = []
   for shape in args.shapes.split(","):
     for batch in map(int, args.batches.split(",")):
       for variant in args.variants.split(","):
-        for num_devices, host_memory in itertools.product(device_counts, host_memories):
+        for num_devices, num_processes, host_memory in itertools.product(
+            device_counts, process_counts, host_memories):
           cmd = [sys.executable, __file__, "--worker", f"--shape={shape}", f"--batch={batch}",
                  f"--variant={variant}", f"--steps={args.steps}", f"--cache={args.cache}",
                  f"--scale={scale}", f"--num_devices={num_devices}",
                  f"--host-memory={host_memory}"]
-          env = dict(os.environ)
-          if num_devices > 1:  # On a CPU, split the host into devices; accelerators ignore it.
-            flag = f"--xla_force_host_platform_device_count={num_devices}"
-            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
-          proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False,
-                                env=env)
-          if proc.returncode:
+          result = run_case(cmd, num_devices, num_processes)
+          if "error" in result:
             result = {"shape": shape, "batch": batch, "variant": variant,
-                      "devices": num_devices, "host_memory": host_memory,
-                      "error": proc.stderr.strip().splitlines()[-1:]}
-          else:
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
+                      "devices": num_devices, "processes": num_processes,
+                      "host_memory": host_memory, "error": result["error"]}
           results.append(result)
           print(json.dumps(result), file=sys.stderr, flush=True)
 
   baseline = args.variants.split(",")[0]
-  first = (device_counts[0], host_memories[0])
-  by_key = {(r["shape"], r["batch"], r["variant"], r["devices"], r["host_memory"]): r
-            for r in results}
+  first = (device_counts[0], process_counts[0], host_memories[0])
+  by_key = {(r["shape"], r["batch"], r["variant"], r["devices"], r["processes"],
+             r["host_memory"]): r for r in results}
   for r in results:
     base = by_key.get((r["shape"], r["batch"], baseline, *first))
     if "ms_per_step" in r and base and "ms_per_step" in base:
@@ -279,17 +353,18 @@ def main():
   if args.out:
     with open(args.out, "w") as f:
       f.write(text + "\n")
-  print(f"\n{'shape':<10}{'batch':>6} {'variant':<14}{'dev':>4} {'memory':<8}{'ms/step':>9}"
-        f"{'edges/s':>10}"
-        f"{'sample':>8}{'RSS GiB':>9}")
+  print(f"\n{'shape':<10}{'batch':>6} {'variant':<14}{'dev':>4}{'proc':>5} {'memory':<8}"
+        f"{'ms/step':>9}{'edges/s':>10}{'sample':>8}{'coll ms':>9}{'RSS GiB':>9}")
   for r in results:
-    head = (f"{r['shape']:<10}{r['batch']:>6} {r['variant']:<14}{r['devices']:>4} "
-            f"{r['host_memory']:<8}")
+    head = (f"{r['shape']:<10}{r['batch']:>6} {r['variant']:<14}{r['devices']:>4}"
+            f"{r['processes']:>5} {r['host_memory']:<8}")
     if "ms_per_step" not in r:
       print(f"{head} failed: {r['error']}")
       continue
-    print(f"{head}{r['ms_per_step']:>9.1f}"
-          f"{r['edges_per_second']:>10.0f}{r['sample_share']:>8.0%}{r['peak_rss_gib']:>9.2f}")
+    share = "-" if r["sample_share"] is None else f"{r['sample_share']:.0%}"
+    collective = "-" if r["collective_ms"] is None else f"{r['collective_ms']:.1f}"
+    print(f"{head}{r['ms_per_step']:>9.1f}{r['edges_per_second']:>10.0f}{share:>8}"
+          f"{collective:>9}{r['peak_rss_gib']:>9.2f}")
 
 
 if __name__ == "__main__":

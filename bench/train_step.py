@@ -1,13 +1,15 @@
 """Train-step throughput on graphs of MovieLens, Gowalla and Alibaba size (issue 4's benchmark).
 
   python bench/train_step.py [--shapes=movielens,gowalla,alibaba] [--batches=256,4096]
-      [--variants=node/rowwise,node/dense,tree/rowwise,node/rowwise/ib] [--devices=1] [--steps=10]
+      [--variants=node/rowwise,node/dense,tree/rowwise,node/rowwise/ib,node/rowwise/ib/lightgcn]
+      [--devices=1] [--steps=10]
       [--processes=1,2] [--host-memory=reuse,default] [--out=bench_train.json]
       [--cache=/tmp/hashgnn_bench] [--quick] [--prepare-only]
 
 Every (shape, batch, variant) runs in its own subprocess, so each reports its own peak RSS
 (embeddings + optimizer state + graph + the step's buffers). A variant is sampler.mode /
-train.embedding_update, optionally / ib for the default variant's in-batch softmax; the first
+train.embedding_update, then optionally / ib for the default variant's in-batch softmax and
+/ lightgcn for LightGCN's layers instead of gcn ones; the first
 listed is the baseline the others are compared with in the same run. `--devices=1,2` also runs
 each on that many devices (host CPU devices split with XLA_FLAGS on a CPU; the batch is global,
 split over the devices). `--processes=1,2` also runs each case as that many JAX processes
@@ -55,10 +57,10 @@ SHAPES = {
 QUICK_SCALE = 0.05
 
 
-def benchmark_config(batch_size: int, sampler_mode: str, embedding_update: str,
-                     losses: str = ""):
-  """Issue 4's benchmark configuration; losses "ib" adds the default variant's in-batch
-  softmax (hashgnn_ib: scores · 10 / K, p = 1)."""
+def benchmark_config(batch_size: int, sampler_mode: str, embedding_update: str, *extras: str):
+  """Issue 4's benchmark configuration; extra "ib" adds the default variant's in-batch softmax
+  (hashgnn_ib: scores · 10 / K, p = 1), "lightgcn" swaps the layers for LightGCN's (weightless,
+  64 wide, the layers' mean)."""
   from hashgnn_jax import config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.default_config()
   config.model.embed_dim = 64
@@ -81,12 +83,16 @@ def benchmark_config(batch_size: int, sampler_mode: str, embedding_update: str,
   config.train.learning_rate = 1e-3
   config.train.batch_size = batch_size
   config.train.embedding_update = embedding_update
-  if losses == "ib":
-    config.loss.temperature = 10.0
-    config.loss.inbatch_weight = 1.0
-    config.guidance.init = config.guidance.floor = 1.0
-  elif losses:
-    raise ValueError(f"Unknown losses {losses!r} in a variant; expected 'ib' or none.")
+  for extra in extras:
+    if extra == "ib":
+      config.loss.temperature = 10.0
+      config.loss.inbatch_weight = 1.0
+      config.guidance.init = config.guidance.floor = 1.0
+    elif extra == "lightgcn":
+      config.model.aggregator = "lightgcn"
+      config.model.hidden_dims = (config.model.embed_dim,) * 2
+    else:
+      raise ValueError(f"Unknown {extra!r} in a variant; expected 'ib' or 'lightgcn'.")
   config_lib.validate(config)
   return config
 
@@ -152,8 +158,8 @@ def worker(args) -> dict:
     distributed.initialize("on", coordinator_address=args.coordinator,
                            num_processes=args.num_processes, process_id=args.process_id,
                            cpu_only=True)
-  mode, update, *losses = args.variant.split("/")
-  config = benchmark_config(args.batch, mode, update, *losses)
+  mode, update, *extras = args.variant.split("/")
+  config = benchmark_config(args.batch, mode, update, *extras)
   users, items, num_users, num_items = load_pairs(args.shape, args.scale, args.cache)
   graph = graph_lib.build_graph(users, items, num_users, num_items)
   del users, items
@@ -353,10 +359,10 @@ def main():
   if args.out:
     with open(args.out, "w") as f:
       f.write(text + "\n")
-  print(f"\n{'shape':<10}{'batch':>6} {'variant':<14}{'dev':>4}{'proc':>5} {'memory':<8}"
+  print(f"\n{'shape':<10}{'batch':>6} {'variant':<26}{'dev':>4}{'proc':>5} {'memory':<8}"
         f"{'ms/step':>9}{'edges/s':>10}{'sample':>8}{'coll ms':>9}{'RSS GiB':>9}")
   for r in results:
-    head = (f"{r['shape']:<10}{r['batch']:>6} {r['variant']:<14}{r['devices']:>4}"
+    head = (f"{r['shape']:<10}{r['batch']:>6} {r['variant']:<26}{r['devices']:>4}"
             f"{r['processes']:>5} {r['host_memory']:<8}")
     if "ms_per_step" not in r:
       print(f"{head} failed: {r['error']}")

@@ -12,7 +12,8 @@ def get_config(variant: str = config_lib.DEFAULT_VARIANT):
   config.data.synthetic.min_items_per_user = 5
   config.model.embed_dim = 16
   config.model.input_dense = min(config.model.input_dense, 16)
-  config.model.hidden_dims = (32, 16)
+  # lightgcn's layers keep the embedding's width.
+  config.model.hidden_dims = (16, 16) if config.model.aggregator == "lightgcn" else (32, 16)
   config.sampler.fanouts = (4, 3)
   config.train.batch_size = 128
   config.train.num_steps = 600

@@ -15,7 +15,7 @@ from hashgnn_jax.data import formats
 # The paper's comparison set (Sec. 5.2.2) besides HashGNN itself ("paper") and the authors' code,
 # and the project's own default, HashGNN's model trained for its codes (`_COMPARISON_VARIANTS`).
 VARIANTS = ("hashgnn_ib", "paper", "authors_code", "graphsage", "lsh", "hashgnn_sp", "hash_ste",
-            "hashnet", "hash_gumb", "hashgnn_nr", "mf", "bprmf")
+            "hashnet", "hash_gumb", "hashgnn_nr", "mf", "bprmf", "lightgcn_ib")
 # What every configs/*.py file gives without ':variant' (BUILD_NOTES, "Code quality").
 DEFAULT_VARIANT = "hashgnn_ib"
 # Variants that start from another variant's trained run (config.train.init_from names its
@@ -24,7 +24,7 @@ VARIANT_STAGES = {"lsh": "graphsage", "hashgnn_sp": "graphsage"}
 HASH_METHODS = ("guided", "continuation", "gumbel", "random_projection", "identity")
 ENCODERS = ("gnn", "embedding")
 TRAINABLE = ("all", "hash", "none")
-AGGREGATORS = ("gcn", "sage")
+AGGREGATORS = ("gcn", "sage", "lightgcn")
 GRANULARITIES = ("element", "node")
 SCHEDULES = ("exponential", "linear", "constant")
 LOGIT_SCALES = ("none", "inv_sqrt_bits", "inv_bits", "cosine")
@@ -106,7 +106,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.model.embed_dim = 64  # Learned ID embedding (the public data sets have no attributes).
   config.model.input_dense = 0  # >0: dense + activation on the embedding first (authors: 68).
   # sage: W·[self ‖ mean(N)] (authors' code); gcn: W·mean(self ∪ N) (paper eq. 1), which
-  # underfits here: HR@50 0.40 against 0.58 (Hamming) on this default (BUILD_NOTES.md).
+  # underfits here: HR@50 0.40 against 0.58 (Hamming) on this default (BUILD_NOTES.md);
+  # lightgcn: Σ x_u / √(d_u d_v) with no weights or non-linearity, u the mean of all layers
+  # (LightGCN; hidden_dims then all equal the embedding width).
   config.model.aggregator = "sage"
   config.model.hidden_dims = (128, 68)  # One entry per GNN layer; must match len(fanouts).
   config.model.use_bias = True
@@ -274,6 +276,12 @@ _COMPARISON_VARIANTS = {
   # (logQ-corrected) beside the sampled negatives; the continuous codes throughout (p = 1).
   "hashgnn_ib": {**_fixed_guidance(1.0), "loss.logit_scale": "inv_bits",
                  "loss.temperature": 10.0, "loss.inbatch_weight": 1.0},
+  # hashgnn_ib on LightGCN's propagation: no weights or non-linearity in the layers, symmetric
+  # normalisation, u the mean of the layers' outputs (the hash layer as before). Its layers keep
+  # the embedding's width, 64 unless a data set config changes it.
+  "lightgcn_ib": {**_fixed_guidance(1.0), "loss.logit_scale": "inv_bits",
+                  "loss.temperature": 10.0, "loss.inbatch_weight": 1.0,
+                  "model.aggregator": "lightgcn", "model.hidden_dims": (64, 64)},
   # The continuous model alone (p = 1 throughout); its Hamming codes are sign(z).
   "graphsage": _fixed_guidance(1.0),
   # graphsage's trained codes, hashed by K seeded random hyperplanes; nothing is trained.
@@ -407,6 +415,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   validate_data(config.data)
   _check_choice(config.sampler.trim_sets, TRIM_SETS, "sampler.trim_sets")
   _check_choice(config.model.aggregator, AGGREGATORS, "model.aggregator")
+  width = config.model.input_dense or config.model.embed_dim
+  if config.model.aggregator == "lightgcn" and any(d != width for d in config.model.hidden_dims):
+    raise ValueError(
+        f"config.model.hidden_dims={tuple(config.model.hidden_dims)}: lightgcn layers have no "
+        f"weights, so each keeps its input's width, {width} (config.model.input_dense or else "
+        f"embed_dim); expected {(width,) * len(config.model.hidden_dims)}.")
   _check_choice(config.model.init, ("normal", "glorot"), "model.init")
   _check_choice(config.model.encoder, ENCODERS, "model.encoder")
   _check_choice(config.hash.method, HASH_METHODS, "hash.method")

@@ -57,3 +57,38 @@ def test_encode_a_graph_without_edges():
   params = model.init(jax.random.PRNGKey(2), tree, 1, (1, 1))["params"]
   z = encode.encode_nodes(model, params, graph, edge_chunk=4)
   np.testing.assert_allclose(z, _numpy_encode(params, graph, "sage"), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_lightgcn_encode_matches_dense_propagation(num_layers):
+  """LightGCN written as its paper does: E^(l+1) = D^-½ A D^-½ E^(l), u = mean_l E^(l)."""
+  rng = np.random.default_rng(1)
+  num_users, num_items = 9, 7
+  pairs = np.array(sorted({(int(rng.integers(num_users)), int(rng.integers(num_items)))
+                           for _ in range(30)}))
+  graph = graph_lib.build_graph(pairs[:, 0], pairs[:, 1], num_users, num_items)
+  config = config_lib.default_config().model
+  config.aggregator, config.embed_dim, config.hash_bits = "lightgcn", 4, 6
+  config.hidden_dims = (4,) * num_layers
+  model = model_lib.create_model(config, num_users, num_items)
+  fanouts = (1,) * num_layers
+  tree = graph_lib.sampled_tree_graph(np.zeros(num_layers + 1, np.int32),
+                                      np.ones(num_layers, bool), 1, fanouts)
+  params = model.init(jax.random.PRNGKey(2), tree, 1, fanouts,
+                      degrees=np.ones(num_layers + 1))["params"]
+
+  n = graph.num_nodes
+  adjacency = np.zeros((n, n))
+  adjacency[pairs[:, 0], num_users + pairs[:, 1]] = 1
+  adjacency += adjacency.T
+  degree = adjacency.sum(1)
+  scale = np.where(degree > 0, 1 / np.sqrt(np.maximum(degree, 1)), 0)  # Isolated nodes: 0.
+  normalised = scale[:, None] * adjacency * scale[None, :]
+  layers = [np.asarray(params["embedding"]["embedding"], np.float64)]
+  for _ in range(num_layers):
+    layers.append(normalised @ layers[-1])
+  u = np.mean(layers, axis=0)
+  expected = np.tanh(u @ np.asarray(params["user_hash"]["kernel"]) + params["user_hash"]["bias"])
+  for edge_chunk, row_chunk in ((1, 1), (7, 5), (10_000, 10_000)):
+    z = encode.encode_nodes(model, params, graph, edge_chunk=edge_chunk, row_chunk=row_chunk)
+    np.testing.assert_allclose(z, expected, rtol=1e-4, atol=1e-5)

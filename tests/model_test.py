@@ -198,12 +198,9 @@ def test_materialize_is_the_identity_and_keeps_its_own_buffer():
   assert "scatter" in compiled(True) and "scatter" not in compiled(False)
 
 
-def test_encode_blocks_matches_numpy():
-  model = _tiny_gcn_model()
-  tree = graph_lib.sampled_tree_graph(jnp.zeros(7, jnp.int32), jnp.ones(6, bool), 1, (2, 2))
-  params = model.init(jax.random.PRNGKey(1), tree, 1, (2, 2))["params"]
-  # Set 0 = {4, 0}; set 1 adds 6; set 2 adds 1, then a padding slot (id 8 = num_nodes).
-  blocks = sampler.NodeBlocks(
+def _hand_blocks():
+  """Set 0 = {4, 0}; set 1 adds 6; set 2 adds 1, then a padding slot (id 8 = num_nodes)."""
+  return sampler.NodeBlocks(
       nodes=jnp.array([4, 0, 6, 1, 8], jnp.int32),
       valid=jnp.array([True, True, True, True, False]),
       # Hop 0 (set 0 -> set 1, fanout 2); node 0 has one real neighbour and one masked slot.
@@ -213,6 +210,13 @@ def test_encode_blocks_matches_numpy():
              jnp.array([[True, False], [True, True], [True, True]])),
       targets=jnp.array([1, 0, 0], jnp.int32), counts=jnp.array([2, 3, 4], jnp.int32),
       complete=jnp.array(True))
+
+
+def test_encode_blocks_matches_numpy():
+  model = _tiny_gcn_model()
+  tree = graph_lib.sampled_tree_graph(jnp.zeros(7, jnp.int32), jnp.ones(6, bool), 1, (2, 2))
+  params = model.init(jax.random.PRNGKey(1), tree, 1, (2, 2))["params"]
+  blocks = _hand_blocks()
   z = np.asarray(model.apply({"params": params}, blocks, method=model_lib.HashGNN.encode_blocks))
 
   emb = np.asarray(params["embedding"]["embedding"])[np.array([4, 0, 6, 1])]
@@ -226,3 +230,102 @@ def test_encode_blocks_matches_numpy():
   z0 = np.tanh(l2 @ np.asarray(params["user_hash"]["kernel"]) +
                np.asarray(params["user_hash"]["bias"]))
   np.testing.assert_allclose(z, z0[np.array([1, 0, 0])], rtol=1e-5, atol=1e-6)
+
+
+def _tiny_lightgcn_model(num_users=3, num_items=5, width=2):
+  config = config_lib.default_config().model
+  config.aggregator, config.embed_dim, config.hidden_dims = "lightgcn", width, (width, width)
+  config.hash_bits = 4
+  return model_lib.create_model(config, num_users=num_users, num_items=num_items)
+
+
+def test_lightgcn_encode_blocks_matches_numpy():
+  model = _tiny_lightgcn_model()
+  tree = graph_lib.sampled_tree_graph(jnp.zeros(7, jnp.int32), jnp.ones(6, bool), 1, (2, 2))
+  params = model.init(jax.random.PRNGKey(1), tree, 1, (2, 2),
+                      degrees=jnp.ones(7))["params"]
+  assert set(params) == {"embedding", "user_hash"}  # The propagation has no weights.
+  blocks = _hand_blocks()
+  # The nodes' degrees in the whole graph (the padding slot's 0).
+  degrees = jnp.array([3, 2, 4, 1, 0], jnp.int32)
+  z = np.asarray(model.apply({"params": params}, blocks, degrees=degrees,
+                             method=model_lib.HashGNN.encode_blocks))
+
+  emb = np.asarray(params["embedding"]["embedding"])[np.array([4, 0, 6, 1])]
+  d = np.array([3.0, 2.0, 4.0, 1.0])
+  # Layer l at node v: √d_v × the mean over its drawn neighbours u of x_u / √d_u.
+  m0 = emb / np.sqrt(d)[:, None]
+  l1 = np.stack([np.sqrt(3) * m0[3], np.sqrt(2) * (2 * m0[2]) / 2, np.sqrt(4) * (m0[0] + m0[1]) / 2])
+  m1 = l1 / np.sqrt(d[:3])[:, None]
+  l2 = np.stack([np.sqrt(3) * (m1[1] + m1[2]) / 2, np.sqrt(2) * m1[2]])
+  u = (emb[:2] + l1[:2] + l2) / 3  # The mean of layers 0, 1 and 2.
+  z0 = np.tanh(u @ np.asarray(params["user_hash"]["kernel"]) +
+               np.asarray(params["user_hash"]["bias"]))
+  np.testing.assert_allclose(z, z0[np.array([1, 0, 0])], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="degrees"):
+    model.apply({"params": params}, blocks, method=model_lib.HashGNN.encode_blocks)
+
+
+def test_lightgcn_tree_matches_numpy():
+  model = _tiny_lightgcn_model()
+  # One target (node 0) with hop-1 slots [1, 2] and hop-2 slots [3, 4 | 5, 6]; slot 6 masked.
+  ids = jnp.array([0, 3, 4, 1, 2, 0, 2], jnp.int32)
+  graph = graph_lib.sampled_tree_graph(ids, jnp.array([True] * 5 + [False]), 1, (2, 2))
+  degrees = jnp.array([2, 5, 1, 3, 4, 2, 4])
+  params = model.init(jax.random.PRNGKey(1), graph, 1, (2, 2), degrees=degrees)["params"]
+  z = np.asarray(model.apply({"params": params}, graph, 1, (2, 2), degrees=degrees))
+
+  emb = np.asarray(params["embedding"]["embedding"])[np.asarray(ids)]
+  d = np.asarray(degrees, np.float64)
+  m = emb / np.sqrt(d)[:, None]
+  l1 = np.stack([np.sqrt(d[0]) * (m[1] + m[2]) / 2, np.sqrt(d[1]) * (m[3] + m[4]) / 2,
+                 np.sqrt(d[2]) * m[5]])  # Slot 2's second child is masked.
+  m1 = l1 / np.sqrt(d[:3])[:, None]
+  l2 = np.sqrt(d[0]) * (m1[1] + m1[2]) / 2
+  u = (emb[0] + l1[0] + l2) / 3
+  expected = np.tanh(u @ np.asarray(params["user_hash"]["kernel"]) +
+                     np.asarray(params["user_hash"]["bias"]))
+  np.testing.assert_allclose(z, expected[None], rtol=1e-5, atol=1e-6)
+
+
+def test_lightgcn_sampled_layer_is_unbiased():
+  """Averaged over many real samples, a sampled lightgcn layer is the full-graph one."""
+  rng = np.random.default_rng(3)
+  num_users, num_items, dim = 6, 5, 3
+  pairs = np.array(sorted({(int(rng.integers(num_users)), int(rng.integers(num_items)))
+                           for _ in range(20)}))
+  host_graph = graph_lib.build_graph(pairs[:, 0], pairs[:, 1], num_users, num_items)
+  graph = graph_lib.to_device(host_graph)
+  n = host_graph.num_nodes
+  x = rng.normal(size=(n, dim)).astype(np.float32)
+  adjacency = np.zeros((n, n))
+  for v in range(n):
+    adjacency[v, host_graph.indices[host_graph.indptr[v]:host_graph.indptr[v + 1]]] = 1
+  d = adjacency.sum(1)
+  norm = np.where(d > 0, 1 / np.sqrt(np.maximum(d, 1)), 0)
+  expected = (norm[:, None] * adjacency * norm[None, :]) @ x  # D^-½ A D^-½ X
+
+  edges = jnp.arange(host_graph.num_edges, dtype=jnp.int32)
+
+  @jax.jit
+  def one_sample(key):  # Layer 1 of set 0 (the batch's targets): [S_0, D] and their ids.
+    blocks, _ = sampler.sample_blocks(graph, edges, sampler.example_keys(key, edges), key,
+                                      graph_lib.empty_marks(n), fanouts=(3,), num_negatives=1)
+    degrees = graph_lib.node_degrees(graph, blocks.nodes).astype(jnp.float32)
+    rows = jnp.asarray(x)[jnp.minimum(blocks.nodes, n - 1)]
+    messages = model_lib.lightgcn_messages(rows, degrees)
+    mask = blocks.masks[0]
+    sums = model_lib.gather_sum(rows.shape[0], messages, blocks.neighbours[0], mask)
+    out = model_lib.lightgcn_propagate(sums, mask.sum(1, dtype=jnp.float32),
+                                       degrees[:mask.shape[0]])
+    return out, blocks.nodes[:mask.shape[0]], jnp.arange(mask.shape[0]) < blocks.counts[0]
+
+  total, seen = np.zeros((n, dim)), np.zeros(n)
+  for out, ids, valid in zip(*jax.vmap(one_sample)(jax.random.split(jax.random.PRNGKey(0),
+                                                                    4000))):
+    ids, valid = np.asarray(ids)[np.asarray(valid)], np.asarray(valid)
+    np.add.at(total, ids, np.asarray(out)[valid])
+    np.add.at(seen, ids, 1)
+  # Every node with an edge is a target of every batch (the batch is all the edges).
+  assert (seen[d > 0] == 4000).all()
+  np.testing.assert_allclose(total[d > 0] / 4000, expected[d > 0], atol=0.05)

@@ -89,6 +89,21 @@ def test_four_devices_match_one_device(experiment, mode, update, monkeypatch):
                one_state.params, four_state.params)
 
 
+@pytest.mark.parametrize("mode", ["node", "tree"])
+def test_lightgcn_four_devices_match_one_device(mode):
+  exp = experiment_lib.Experiment(_config(model__aggregator="lightgcn", model__hidden_dims=(16, 16),
+                                          sampler__mode=mode))
+  one_state, one_metrics, _ = _run_steps(exp, jax.local_devices()[:1], 2)
+  four_state, four_metrics, _ = _run_steps(exp, jax.local_devices()[:4], 2)
+  for name in one_metrics:
+    np.testing.assert_allclose(four_metrics[name], one_metrics[name], rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               one_state.params, four_state.params)
+  # The table trained: the step reached the embeddings through the weightless propagation.
+  initial = exp.initial_state().params["embedding"]["embedding"]
+  assert not np.allclose(one_state.params["embedding"]["embedding"], initial)
+
+
 def test_code_terms_four_devices_match_one_device():
   """The in-batch softmax (over every device's positives), the binary term and the z terms."""
   exp = experiment_lib.Experiment(_config(
@@ -402,6 +417,10 @@ def test_invalid_config_values_name_the_key():
   config = _config()
   config.model.hidden_dims = (8,)
   with pytest.raises(ValueError, match=r"config\.model\.hidden_dims"):
+    experiment_lib.Experiment(config)
+  config = _config(model__aggregator="lightgcn")  # Widths (32, 16) on a 16-wide embedding.
+  with pytest.raises(ValueError, match=r"config\.model\.hidden_dims=\(32, 16\): lightgcn .*"
+                     r"expected \(16, 16\)"):
     experiment_lib.Experiment(config)
   config = _config(sampler__trim_sets="yes")
   with pytest.raises(ValueError, match=r"config\.sampler\.trim_sets='yes'"):

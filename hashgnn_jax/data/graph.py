@@ -118,6 +118,12 @@ class DeviceGraph:
     return self.num_users + self.num_items
 
 
+def node_degrees(graph: DeviceGraph, nodes: jax.Array) -> jax.Array:
+  """Degrees in the graph of node ids [n], padding ids (num_nodes) giving 0: [n] int32."""
+  last = graph.num_nodes
+  return graph.indptr[jnp.minimum(nodes + 1, last)] - graph.indptr[jnp.minimum(nodes, last)]
+
+
 def to_device(graph: BipartiteGraph, sharding: jax.sharding.Sharding | None = None) -> DeviceGraph:
   """Places the CSR on device(s) once; the train step reads it without host work."""
   if len(graph.indices) >= 2**31:

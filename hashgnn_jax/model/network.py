@@ -168,14 +168,40 @@ class MeanAggregator(nn.Module):
     elif self.kind == "sage":
       h = jnp.concatenate([x_dst, sums / jnp.maximum(degree, 1.0)[:, None]], axis=-1)
     else:
-      raise ValueError(f"Unknown aggregator {self.kind!r}; expected 'gcn' or 'sage'.")
+      raise ValueError(f"Unknown aggregator {self.kind!r}; expected 'gcn' or 'sage' (lightgcn "
+                       "layers have no module).")
     init = _kernel_init(self.init_scheme)
     h = nn.Dense(self.features, use_bias=self.use_bias, kernel_init=init)(h)
     return nn.leaky_relu(h, self.slope)
 
 
+def lightgcn_messages(x: jax.Array, degree: jax.Array) -> jax.Array:
+  """What a node sends in LightGCN propagation, x_u / √d_u: [S, D], [S] -> [S, D].
+
+  degree is the node's degree in the whole graph, not in a sample; a node of degree 0 is nobody's
+  neighbour, so its message is never read.
+  """
+  return x * jax.lax.rsqrt(jnp.maximum(degree, 1.0))[:, None]
+
+
+def lightgcn_propagate(sums: jax.Array, count: jax.Array, degree: jax.Array) -> jax.Array:
+  """LightGCN's layer Σ_{u ∈ N(v)} x_u / √(d_u d_v), from the sum of `lightgcn_messages` over
+  `count` neighbours drawn uniformly with replacement from the d_v = `degree` of N(v).
+
+  The sample mean times d_v estimates the sum over all of N(v) without bias; with every neighbour
+  once (count = degree, full-graph encoding) it is the sum itself. sums [N, D], count and
+  degree [N] -> [N, D]; no neighbours give 0.
+  """
+  return sums * (jnp.sqrt(degree) / jnp.maximum(count, 1.0))[:, None]
+
+
 class HashGNN(nn.Module):
   """Encodes node ids into continuous codes z = tanh(W u + b) of `hash_bits` dimensions.
+
+  Aggregator gcn or sage: u is the last GNN layer's output. lightgcn: the layers propagate with
+  no weights or non-linearity (`lightgcn_propagate`) and u is the mean of layers 0..L at each node
+  (LightGCN's layer combination with α_l = 1 / (L + 1)); the layers then need every node's degree
+  in the whole graph.
 
   `encoder` "embedding" skips the GNN layers (u is the layer-0 feature: MF); `hash_method`
   "random_projection" projects the codes tanh(W u + b) by a fixed Gaussian matrix (LSH on the
@@ -207,6 +233,11 @@ class HashGNN(nn.Module):
   def num_layers(self) -> int:
     return len(self.hidden_dims) if self.encoder == "gnn" else 0
 
+  @property
+  def combines_layers(self) -> bool:
+    """Whether u is the mean of every layer's output (lightgcn), not the last layer's."""
+    return self.aggregator == "lightgcn" and self.num_layers > 0
+
   def setup(self):
     init = _kernel_init(self.init_scheme)
     # Independent of the table's size, unlike a fan-based init over [num_nodes, embed_dim].
@@ -214,10 +245,11 @@ class HashGNN(nn.Module):
                               embedding_init=nn.initializers.normal(self.embed_init_std))
     if self.input_dense > 0:
       self.input_layer = nn.Dense(self.input_dense, use_bias=self.use_bias, kernel_init=init)
-    self.layers = [
-        MeanAggregator(dim, self.aggregator, self.use_bias, self.slope, self.init_scheme)
-        for dim in self.hidden_dims[:self.num_layers]
-    ]
+    if self.aggregator != "lightgcn":  # LightGCN's layers have no parameters.
+      self.layers = [
+          MeanAggregator(dim, self.aggregator, self.use_bias, self.slope, self.init_scheme)
+          for dim in self.hidden_dims[:self.num_layers]
+      ]
     if self.learned_temperature > 0:
       # Its log, so that the temperature stays positive whatever Adam does to it.
       self.log_temperature = self.param(
@@ -249,10 +281,21 @@ class HashGNN(nn.Module):
       rows = nn.leaky_relu(self.input_layer(rows), self.slope)
     return rows
 
-  def aggregate(self, layer: int, x_dst: jax.Array, sums: jax.Array,
+  def messages(self, x: jax.Array, degree: jax.Array) -> jax.Array:
+    """What each node sends its neighbours, given its degree in the graph: [S, D], [S] -> [S, D].
+
+    The neighbour sums that `aggregate` reads are sums of these.
+    """
+    return lightgcn_messages(x, degree) if self.aggregator == "lightgcn" else x
+
+  def aggregate(self, layer: int, x_dst: jax.Array, sums: jax.Array, count: jax.Array,
                 degree: jax.Array) -> jax.Array:
-    """Applies GNN layer `layer` given precomputed neighbour sums and degrees."""
-    return self.layers[layer](x_dst, sums, degree)
+    """GNN layer `layer` of nodes given the sums of `messages` over `count` neighbours each and
+    their degrees in the graph (equal to count when every neighbour is summed once):
+    [N, D], [N, D], [N], [N] -> [N, hidden_dims[layer]]."""
+    if self.aggregator == "lightgcn":
+      return lightgcn_propagate(sums, count, degree)
+    return self.layers[layer](x_dst, sums, count)
 
   def hash_logits(self, x: jax.Array, node_ids: jax.Array) -> jax.Array:
     """The hash layer's pre-activation a: [N, D], [N] -> [N, K]."""
@@ -277,38 +320,64 @@ class HashGNN(nn.Module):
 
   def __call__(self, graph: graph_lib.GraphsTuple, num_targets: int,
                fanouts: tuple[int, ...], rows: jax.Array | None = None,
-               logits: bool = False) -> jax.Array:
+               logits: bool = False, degrees: jax.Array | None = None) -> jax.Array:
     """z (or with `logits`, a) of the first `num_targets` nodes of a sampled tree graph: [T, K].
 
-    rows [num nodes, E]: the nodes' embedding rows, when the caller gathered them.
+    rows [num nodes, E]: the nodes' embedding rows, when the caller gathered them. degrees
+    [num nodes]: each node's degree in the whole graph (needed by lightgcn, ignored otherwise).
     """
     x = self.embed(graph.nodes) if rows is None else self.features(rows)
+    degrees = self._degrees(degrees, x.shape[0])
+    total = x[:num_targets]  # Of layers 0..l, for lightgcn's combination.
     sizes = graph_lib.layer_sizes(num_targets, fanouts)[:self.num_layers]
     for layer, (num_dst, num_edges) in enumerate(sizes):
-      sums, degree = tree_neighbour_sums(x, graph.edges[:num_edges], num_targets, fanouts, num_dst)
-      x = self.aggregate(layer, x[:num_dst], sums, degree)
+      sums, count = tree_neighbour_sums(self.messages(x, degrees[:x.shape[0]]),
+                                        graph.edges[:num_edges], num_targets, fanouts, num_dst)
+      x = self.aggregate(layer, x[:num_dst], sums, count, degrees[:num_dst])
+      if self.combines_layers:
+        total = total + x[:num_targets]
+    u = self.readout(total, x[:num_targets])
     hash_fn = self.hash_logits if logits else self.hash
-    return hash_fn(x[:num_targets], graph.nodes[:num_targets])
+    return hash_fn(u, graph.nodes[:num_targets])
 
-  def encode_blocks(self, blocks, rows: jax.Array | None = None,
-                    logits: bool = False) -> jax.Array:
+  def readout(self, total: jax.Array, last: jax.Array) -> jax.Array:
+    """u from the sum of layers 0..L (total) and layer L (last), both [T, D] -> [T, D]."""
+    return total / (self.num_layers + 1) if self.combines_layers else last
+
+  def _degrees(self, degrees: jax.Array | None, num_nodes: int) -> jax.Array:
+    if degrees is not None:
+      return degrees.astype(jnp.float32)
+    if self.combines_layers:
+      raise ValueError("aggregator='lightgcn' needs the nodes' degrees in the graph (degrees=).")
+    return jnp.ones((num_nodes,), jnp.float32)  # Read by no other aggregator.
+
+  def encode_blocks(self, blocks, rows: jax.Array | None = None, logits: bool = False,
+                    degrees: jax.Array | None = None) -> jax.Array:
     """z (or with `logits`, a) of every target of a `sampler.NodeBlocks` sample: [b·(2+T), K].
 
-    rows [S_H, E]: embedding rows of `blocks.nodes`, when the caller gathered them. Layer l runs
+    rows [S_H, E]: embedding rows of `blocks.nodes`, when the caller gathered them. degrees [S_H]:
+    the nodes' degrees in the whole graph (needed by lightgcn, ignored otherwise). Layer l runs
     on set H−1−l, so the last layer sees the targets' fanouts[0] neighbours (GraphSAGE order).
     """
     node_ids = jnp.where(blocks.valid, blocks.nodes, 0)  # Padding ids lie past the table.
     x = materialize(self.embed(node_ids) if rows is None else self.features(rows))  # [S_H, D]
+    degrees = self._degrees(degrees, x.shape[0])
+    # Sets nest as prefixes, so the targets' set 0 leads whatever set x covers at every layer.
+    num_targets = blocks.masks[0].shape[0]  # S_0
+    total = x[:num_targets]  # Of layers 0..l, for lightgcn's combination.
     num_hops = len(blocks.neighbours)
     for layer in range(self.num_layers):
       hop = num_hops - 1 - layer
       mask = blocks.masks[hop]  # [S_h, f]
-      sums = gather_sum(x.shape[0], x, blocks.neighbours[hop], mask)  # [S_h, D]
-      x = self.aggregate(layer, x[:mask.shape[0]], sums, mask.sum(axis=1, dtype=x.dtype))
-    # Sets nest as prefixes, so the targets' set 0 leads whatever set x covers now.
-    x = x[:blocks.masks[0].shape[0]]  # [S_0, D]
+      sums = gather_sum(x.shape[0], self.messages(x, degrees[:x.shape[0]]),
+                        blocks.neighbours[hop], mask)  # [S_h, D]
+      x = self.aggregate(layer, x[:mask.shape[0]], sums, mask.sum(axis=1, dtype=x.dtype),
+                         degrees[:mask.shape[0]])
+      if self.combines_layers:
+        total = total + x[:num_targets]
+    u = self.readout(total, x[:num_targets])  # [S_0, D]
     hash_fn = self.hash_logits if logits else self.hash
-    return hash_fn(x, node_ids[:x.shape[0]])[blocks.targets]
+    return hash_fn(u, node_ids[:num_targets])[blocks.targets]
 
 
 def create_model(model_config, num_users: int, num_items: int, hash_config=None,

@@ -68,7 +68,8 @@ def create_train_state(model: model_lib.HashGNN, tx: optax.GradientTransformatio
   dummy = graph_lib.sampled_tree_graph(
       jnp.zeros((1 + num_layers,), jnp.int32),
       jnp.zeros((num_layers,), bool), 1, (1,) * num_layers)
-  params = model.init(rng, dummy, 1, (1,) * num_layers)["params"]
+  params = model.init(rng, dummy, 1, (1,) * num_layers,
+                      degrees=jnp.ones((1 + num_layers,)))["params"]
   if embedding_update == "dense":
     opt_state = tx.init(params)
   elif embedding_update == "rowwise":

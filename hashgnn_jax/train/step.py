@@ -83,16 +83,26 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
   # HashNet and Gumbel codes are made from the logits a; the others from the model's own z.
   from_logits = method in ("continuation", "gumbel")
 
-  def codes(params, batch, rows):
+  def sample_degrees(graph, batch):
+    """The sampled nodes' degrees in the graph, which lightgcn's layers read (None otherwise)."""
+    if model.aggregator != "lightgcn":
+      return None
+    if node_mode:
+      return graph_lib.node_degrees(graph, batch.nodes)
+    trees = batch[0] if rowwise else batch  # Row-wise tree batches are (trees, slots).
+    return graph_lib.node_degrees(graph, trees.nodes)
+
+  def codes(params, batch, rows, degrees):
     """z (or a) [b·(2+T), K] of the batch's targets; rows [S, E] are the touched rows."""
     if node_mode:
-      return model.apply({"params": params}, batch, rows, logits=from_logits,
+      return model.apply({"params": params}, batch, rows, logits=from_logits, degrees=degrees,
                          method=model_lib.HashGNN.encode_blocks)
     if rows is None:
-      return model.apply({"params": params}, batch, num_targets, fanouts, logits=from_logits)
+      return model.apply({"params": params}, batch, num_targets, fanouts, logits=from_logits,
+                         degrees=degrees)
     trees, slots = batch
     return model.apply({"params": params}, trees, num_targets, fanouts, rows[slots],
-                       logits=from_logits)
+                       logits=from_logits, degrees=degrees)
 
   def training_codes(out, step, keep, guide_key, within):
     """(the codes the scores read, z behind them), both [b·(2+T), K], from `codes`' output by
@@ -118,6 +128,7 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
     sample_key, guide_key = jax.random.split(jax.random.fold_in(rng, state.step))
     batch, row_ids, row_valid, marks = sample(
         graph, edge_ids, sampler.example_keys(sample_key, within), sample_key, state.node_marks)
+    degrees = sample_degrees(graph, batch)
     p = schedule(state.step)
     collides = log_q = None
     if inbatch:
@@ -126,13 +137,13 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
           graph, edge_order[batch_start + jnp.arange(batch_size, dtype=jnp.int32)])  # [B]
       collides = ((items[within][:, None] == items[None, :])
                   & (within[:, None] != jnp.arange(batch_size)[None, :]))  # [b, B]
-      log_q = jnp.log((graph.indptr[items + 1] - graph.indptr[items]).astype(jnp.float32))
+      log_q = jnp.log(graph_lib.node_degrees(graph, items).astype(jnp.float32))
     keep = sampler.draw_keep_continuous(jax.random.bits(guide_key, (), jnp.uint32), within, p,
                                         num_negatives=num_negatives, width=width,
                                         share_positive=share)
 
     def loss_fn(params, rows=None):
-      h, z = training_codes(codes(params, batch, rows), state.step, keep, guide_key, within)
+      h, z = training_codes(codes(params, batch, rows, degrees), state.step, keep, guide_key, within)
       temperature = None
       if model.learned_temperature > 0:
         temperature = model.apply({"params": params}, method=model_lib.HashGNN.temperature)

@@ -31,7 +31,8 @@ triplet loss with margin 0.2; Adam 1e-3.
 
 Reported per run: ms per step (median of --steps timed steps after a warm-up step), steps/s,
 positive edges/s, the share of step time spent sampling (the sampler jitted alone on the same
-batch; one process only), and peak RSS (of process 0). --quick uses reduced sizes (for bench/gpu.sh's smoke test on a CPU).
+batch; one process only), and peak RSS (of process 0). --quick uses reduced sizes (for
+bench/gpu.sh's smoke test on a CPU).
 """
 
 import argparse
@@ -145,6 +146,7 @@ def worker(args) -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from hashgnn_jax import distributed  # pylint: disable=g-import-not-at-top
+  from hashgnn_jax import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   from hashgnn_jax.data import graph as graph_lib  # pylint: disable=g-import-not-at-top
   from hashgnn_jax.model import network as model_lib  # pylint: disable=g-import-not-at-top
   from hashgnn_jax.train import sampler  # pylint: disable=g-import-not-at-top
@@ -163,10 +165,9 @@ def worker(args) -> dict:
   users, items, num_users, num_items = load_pairs(args.shape, args.scale, args.cache)
   graph = graph_lib.build_graph(users, items, num_users, num_items)
   del users, items
-  # In process order, as experiment.select_devices gives them: one process's devices in a row.
-  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))[:args.num_devices]
-  if len(devices) < args.num_devices:
-    raise ValueError(f"--devices={args.num_devices} but only {len(devices)} devices.")
+  # Each process's share of the devices, in process order, as a training run takes them.
+  config.train.num_devices = args.num_devices // args.num_processes
+  devices = experiment_lib.select_devices(config.train)
   local = step_lib.local_batch_size(config, devices)
   model = model_lib.create_model(config.model, num_users, num_items, config.hash, config.loss)
   per_epoch = schedules.steps_per_epoch(graph.num_edges, args.batch)

@@ -255,7 +255,8 @@ def test_lightgcn_encode_blocks_matches_numpy():
   d = np.array([3.0, 2.0, 4.0, 1.0])
   # Layer l at node v: √d_v × the mean over its drawn neighbours u of x_u / √d_u.
   m0 = emb / np.sqrt(d)[:, None]
-  l1 = np.stack([np.sqrt(3) * m0[3], np.sqrt(2) * (2 * m0[2]) / 2, np.sqrt(4) * (m0[0] + m0[1]) / 2])
+  l1 = np.stack([np.sqrt(3) * m0[3], np.sqrt(2) * (2 * m0[2]) / 2,
+                 np.sqrt(4) * (m0[0] + m0[1]) / 2])
   m1 = l1 / np.sqrt(d[:3])[:, None]
   l2 = np.stack([np.sqrt(3) * (m1[1] + m1[2]) / 2, np.sqrt(2) * m1[2]])
   u = (emb[:2] + l1[:2] + l2) / 3  # The mean of layers 0, 1 and 2.

@@ -80,17 +80,19 @@ def encode_nodes(model: model_lib.HashGNN, params, graph: graph_lib.BipartiteGra
 
   by_rows = functools.partial(_apply_by_rows, model, params, row_chunk=row_chunk)
   x = model.apply({"params": params}, method=model_lib.HashGNN.embed_all)  # [N, D]
-  degree = jnp.asarray(np.diff(graph.indptr), jnp.float32)  # [N]
-  # lightgcn's mean over layers, kept as a running sum: a list would hold L + 1 tables.
-  total = x if model.combines_layers else None
+  # lightgcn's senders scale by degree before the sums; its mean over layers is kept as a
+  # running sum (a list would hold L + 1 tables).
+  lightgcn = model.lightgcn_layers
+  degree = jnp.asarray(np.diff(graph.indptr), jnp.float32) if lightgcn else None  # [N]
+  total = x if lightgcn else None
   for layer in range(model.num_layers):
-    # Only lightgcn's differ from x: another [N, D] pass and buffer otherwise, for nothing.
-    messages = (by_rows(x, degree, method="messages", layer=None)
-                if model.aggregator == "lightgcn" else x)
+    # Only lightgcn's messages differ from x: another [N, D] pass and buffer otherwise.
+    messages = by_rows(x, degree, method="messages", layer=None) if lightgcn else x
     sums, count = _chunked_neighbour_sums(messages, senders, receivers, num_nodes=num_nodes,
                                           edge_chunk=edge_chunk)
     del messages
-    x = by_rows(x, sums, count, degree, method="aggregate", layer=layer)
+    # Every neighbour is summed once, so the count is each node's degree in the graph.
+    x = by_rows(x, sums, count, count, method="aggregate", layer=layer)
     del sums, count  # Before the next layer's sums exist: 1.2-2.4 GB each at Alibaba size.
     if total is not None:
       total = total + x

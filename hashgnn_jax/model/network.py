@@ -234,8 +234,9 @@ class HashGNN(nn.Module):
     return len(self.hidden_dims) if self.encoder == "gnn" else 0
 
   @property
-  def combines_layers(self) -> bool:
-    """Whether u is the mean of every layer's output (lightgcn), not the last layer's."""
+  def lightgcn_layers(self) -> bool:
+    """Whether there are GNN layers and they are LightGCN's: weightless, their messages scaled
+    by degree, u the mean of every layer's output rather than the last one."""
     return self.aggregator == "lightgcn" and self.num_layers > 0
 
   def setup(self):
@@ -245,7 +246,7 @@ class HashGNN(nn.Module):
                               embedding_init=nn.initializers.normal(self.embed_init_std))
     if self.input_dense > 0:
       self.input_layer = nn.Dense(self.input_dense, use_bias=self.use_bias, kernel_init=init)
-    if self.aggregator != "lightgcn":  # LightGCN's layers have no parameters.
+    if not self.lightgcn_layers:  # LightGCN's layers have no parameters.
       self.layers = [
           MeanAggregator(dim, self.aggregator, self.use_bias, self.slope, self.init_scheme)
           for dim in self.hidden_dims[:self.num_layers]
@@ -286,14 +287,14 @@ class HashGNN(nn.Module):
 
     The neighbour sums that `aggregate` reads are sums of these.
     """
-    return lightgcn_messages(x, degree) if self.aggregator == "lightgcn" else x
+    return lightgcn_messages(x, degree) if self.lightgcn_layers else x
 
   def aggregate(self, layer: int, x_dst: jax.Array, sums: jax.Array, count: jax.Array,
                 degree: jax.Array) -> jax.Array:
     """GNN layer `layer` of nodes given the sums of `messages` over `count` neighbours each and
     their degrees in the graph (equal to count when every neighbour is summed once):
     [N, D], [N, D], [N], [N] -> [N, hidden_dims[layer]]."""
-    if self.aggregator == "lightgcn":
+    if self.lightgcn_layers:
       return lightgcn_propagate(sums, count, degree)
     return self.layers[layer](x_dst, sums, count)
 
@@ -334,7 +335,7 @@ class HashGNN(nn.Module):
       sums, count = tree_neighbour_sums(self.messages(x, degrees[:x.shape[0]]),
                                         graph.edges[:num_edges], num_targets, fanouts, num_dst)
       x = self.aggregate(layer, x[:num_dst], sums, count, degrees[:num_dst])
-      if self.combines_layers:
+      if self.lightgcn_layers:
         total = total + x[:num_targets]
     u = self.readout(total, x[:num_targets])
     hash_fn = self.hash_logits if logits else self.hash
@@ -342,12 +343,12 @@ class HashGNN(nn.Module):
 
   def readout(self, total: jax.Array, last: jax.Array) -> jax.Array:
     """u from the sum of layers 0..L (total) and layer L (last), both [T, D] -> [T, D]."""
-    return total / (self.num_layers + 1) if self.combines_layers else last
+    return total / (self.num_layers + 1) if self.lightgcn_layers else last
 
   def _degrees(self, degrees: jax.Array | None, num_nodes: int) -> jax.Array:
     if degrees is not None:
       return degrees.astype(jnp.float32)
-    if self.combines_layers:
+    if self.lightgcn_layers:
       raise ValueError("aggregator='lightgcn' needs the nodes' degrees in the graph (degrees=).")
     return jnp.ones((num_nodes,), jnp.float32)  # Read by no other aggregator.
 
@@ -373,7 +374,7 @@ class HashGNN(nn.Module):
                         blocks.neighbours[hop], mask)  # [S_h, D]
       x = self.aggregate(layer, x[:mask.shape[0]], sums, mask.sum(axis=1, dtype=x.dtype),
                          degrees[:mask.shape[0]])
-      if self.combines_layers:
+      if self.lightgcn_layers:
         total = total + x[:num_targets]
     u = self.readout(total, x[:num_targets])  # [S_0, D]
     hash_fn = self.hash_logits if logits else self.hash

@@ -85,7 +85,7 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
 
   def sample_degrees(graph, batch):
     """The sampled nodes' degrees in the graph, which lightgcn's layers read (None otherwise)."""
-    if model.aggregator != "lightgcn":
+    if not model.lightgcn_layers:
       return None
     if node_mode:
       return graph_lib.node_degrees(graph, batch.nodes)
@@ -143,7 +143,8 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
                                         share_positive=share)
 
     def loss_fn(params, rows=None):
-      h, z = training_codes(codes(params, batch, rows, degrees), state.step, keep, guide_key, within)
+      h, z = training_codes(codes(params, batch, rows, degrees), state.step, keep, guide_key,
+                            within)
       temperature = None
       if model.learned_temperature > 0:
         temperature = model.apply({"params": params}, method=model_lib.HashGNN.temperature)

@@ -95,6 +95,14 @@ def test_pack_bits_padding_bits_are_zero():
   np.testing.assert_array_equal(words, np.array([[2**32 - 1, 2**8 - 1]] * 3, dtype=np.uint32))
 
 
+def test_pack_flags_over_leading_axes():
+  flags = np.random.default_rng(5).random((2, 3, 70)) < 0.5
+  words = np.asarray(codes_lib.pack_flags(flags))
+  assert words.shape == (2, 3, 3) and words.dtype == np.uint32
+  np.testing.assert_array_equal(words.reshape(6, 3),
+                                _reference_pack(np.where(flags, 1.0, -1.0).reshape(6, 70)))
+
+
 @pytest.mark.parametrize("num_bits", [32, 40, 64, 96])
 def test_popcount_distance_matches_reference(num_bits):
   rng = np.random.default_rng(num_bits + 1)
@@ -217,14 +225,18 @@ def test_two_level_sharded_search_matches_flat_reference(monkeypatch, num_device
         assert np.all(ids[0, 3:] == -1), mode  # Only three items are left to user 0.
 
 
-@pytest.mark.parametrize("entries_per_slot", [1, 3, 4])
-def test_counting_falls_back_to_top_k_with_equal_results(monkeypatch, entries_per_slot):
-  # Rows longer than entries_per_slot x the picks rounded up to a power of two go to top_k. Blocks
-  # of 4 give 101 block keys; Hamming picks 7 blocks (8 slots, 28 candidates), hierarchical 21
-  # (32 slots, 84 candidates). At 1 every selection falls back; at 3 hierarchical counts its
-  # candidates only; at 4 Hamming counts its candidates only and hierarchical counts both.
-  monkeypatch.setattr(hamming, "_COUNTING_ENTRIES_PER_SLOT", entries_per_slot)
-  item_z, user_z, exclude = _tied_search_inputs(entries_per_slot, 403, 9, 64)
+@pytest.mark.parametrize("ordered_per_slot, unordered_per_slot", [(1, 1), (4, 1), (1, 3), (4, 4)])
+def test_counting_falls_back_to_top_k_with_equal_results(monkeypatch, ordered_per_slot,
+                                                         unordered_per_slot):
+  # Rows longer than entries-per-slot x the picks rounded up to a power of two go to top_k; the
+  # choice of blocks and hierarchical candidates are unordered lists, Hamming results ordered.
+  # Blocks of 4 give 101 block keys; Hamming picks 7 blocks (8 slots, 28 candidates), hierarchical
+  # 21 (32 slots, 84 candidates). At (1, 1) every selection falls back; at (4, 1) Hamming counts
+  # its candidates only; at (1, 3) hierarchical counts its candidates only; at (4, 4) Hamming
+  # counts its candidates and hierarchical both.
+  monkeypatch.setattr(hamming, "_COUNTING_ENTRIES_PER_SLOT", ordered_per_slot)
+  monkeypatch.setattr(hamming, "_UNORDERED_ENTRIES_PER_SLOT", unordered_per_slot)
+  item_z, user_z, exclude = _tied_search_inputs(ordered_per_slot, 403, 9, 64)
   indexes = [
     retrieval.ItemIndex(item_z, tie_seed=3, block_size=4, selection=selection)
     for selection in ("counting", "top_k")
@@ -242,6 +254,39 @@ def test_counting_falls_back_to_top_k_with_equal_results(monkeypatch, entries_pe
       np.testing.assert_array_equal(scores, want_scores, err_msg=f"{mode} {use_exclude}")
 
 
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize(
+  "item_shards, block_size, num_users", [(1, 16, 40), (1, 5, 7), (2, 1, 40), (2, 8, 13)]
+)
+def test_search_at_500_candidates_matches_reference(tied, item_shards, block_size, num_users):
+  # The evaluation's M = 500 and a non-power-of-two M = 333 over 3,001 items (a partial block):
+  # tied codes make every score tie hundreds of ways (the re-rank sorts whole rows); grid codes
+  # leave inner products mostly distinct (it sorts the 128 best only).
+  num_items = 3001
+  if tied:
+    item_z, user_z, exclude = _tied_search_inputs(block_size, num_items, num_users, 32)
+  else:
+    rng = np.random.default_rng(block_size)
+    item_z, user_z = _grid_codes(rng, (num_items, 32)), _grid_codes(rng, (num_users, 32))
+    exclude = rng.integers(-1, num_items, (num_users, 200))
+  tie_order = codes_lib.tie_break_order(num_items, seed=5)
+  for selection in ("counting", "top_k"):
+    index = retrieval.ItemIndex(item_z, tie_seed=5, devices=jax.devices()[:2],
+                                item_shards=item_shards, block_size=block_size,
+                                selection=selection)
+    for mode, num_results, num_candidates in [
+      ("hamming", 100, None), ("hamming", 500, None), ("hierarchical", 100, 500),
+      ("hierarchical", 50, 333), ("continuous", 100, None),
+    ]:
+      kwargs = {"mode": mode, "num_results": num_results, "num_candidates": num_candidates,
+                "exclude": exclude}
+      ids, scores = index.search(user_z, **kwargs)
+      want_ids, want_scores = _reference_search(user_z, item_z, tie_order, **kwargs)
+      message = f"{selection} {mode} {num_results} {num_candidates}"
+      np.testing.assert_array_equal(ids, want_ids, err_msg=message)
+      np.testing.assert_array_equal(scores, want_scores.astype(np.float32), err_msg=message)
+
+
 def test_auto_block_size_is_about_sqrt_items_over_128_capped_per_platform():
   # Alibaba's 4,167,708 items: sqrt(32,560) ~ 180, above both caps.
   assert layout.auto_block_size(4_167_708, "cpu") == 64
@@ -250,6 +295,21 @@ def test_auto_block_size_is_about_sqrt_items_over_128_capped_per_platform():
   assert layout.auto_block_size(40_981, "cpu") == 16
   assert layout.auto_block_size(40_981, "gpu") == 16
   assert layout.auto_block_size(10, "cpu") == 1
+
+
+def test_long_lists_search_halved_blocks():
+  # Gowalla's 40,981 items: blocks of 16 for top-100 lists; M = 500 (501 picks) halves them
+  # while b * b * picks exceeds the shard's (padded) items: 16 -> 8, as sqrt(40,992 / 501) ~ 9.
+  gowalla = retrieval.ItemIndex(np.ones((40_981, 8), np.float32), tie_seed=0,
+                                devices=jax.devices()[:1])
+  assert gowalla.block_size == 16
+  assert gowalla._hamming_block_size(101) == 16
+  assert gowalla._hamming_block_size(501) == 8
+  assert gowalla._hamming_block_size(40_981) == 1
+  # An odd block size cannot be halved and stays.
+  odd = retrieval.ItemIndex(np.ones((3_000, 8), np.float32), tie_seed=0,
+                            devices=jax.devices()[:1], block_size=5)
+  assert odd._hamming_block_size(501) == 5
 
 
 def test_index_layout_is_the_layout_an_index_takes():

@@ -114,8 +114,10 @@ def _reference_set(values, k):
 
 @pytest.mark.parametrize(
   "num_entries, k, max_value",
-  # 5,000 entries take two prefix counts: 5,000 << 13 is past float32's exact integers.
-  [(1, 1, 0), (5, 5, 3), (37, 20, 1), (100, 7, 0), (988, 101, 33), (5000, 300, 65)],
+  # 5,000 entries take two prefix counts: 5,000 << 13 is past float32's exact integers; so do
+  # M = 500 over 501 blocks of 16 (hierarchical search's item level). A non-power-of-two list.
+  [(1, 1, 0), (5, 5, 3), (37, 20, 1), (100, 7, 0), (988, 101, 33), (5000, 300, 65),
+   (8016, 500, 33), (8016, 500, 1), (1001, 333, 300), (64, 64, 2)],
 )
 def test_smallest_set_matches_lexsort(num_entries, k, max_value):
   rng = np.random.default_rng(k)
@@ -124,8 +126,36 @@ def test_smallest_set_matches_lexsort(num_entries, k, max_value):
   np.testing.assert_array_equal(got, _reference_set(values, k))
 
 
+def test_nth_set_bit_matches_bit_scan():
+  rng = np.random.default_rng(3)
+  words = rng.integers(0, 1 << 32, 400, dtype=np.uint64).astype(np.uint32)
+  words[:3] = [1, 1 << 31, 0xFFFFFFFF]
+  counts = np.array([bin(w).count("1") for w in words])
+  n = (rng.random(400) * counts).astype(np.int32)
+  want = [[j for j in range(32) if w >> j & 1][c] for w, c in zip(words, n)]
+  np.testing.assert_array_equal(jax.jit(selection._nth_set_bit)(words, n), want)
+
+
 def test_smallest_set_by_hand():
   # Threshold 2: both 1s, then the first two of the three 2s.
   values = np.array([[2, 5, 1, 2, 2, 1, 3]], np.int32)
   got = jax.jit(selection.smallest_set, static_argnums=(1, 2))(values, 4, 5)
   np.testing.assert_array_equal(got, [[0, 2, 3, 5]])
+
+
+@pytest.mark.parametrize("num_entries, k", [(500, 100), (500, 500), (300, 63), (1000, 127), (9, 2)])
+@pytest.mark.parametrize("distinct", [True, False])
+def test_smallest_indices_matches_lexsort(num_entries, k, distinct):
+  rng = np.random.default_rng(num_entries + k)
+  if distinct:  # Inner products: mostly distinct, a run of equal keys, excluded entries at inf.
+    keys = rng.standard_normal((7, num_entries)).astype(np.float32)
+    keys[:, 5:40] = keys[:, 3:4]
+    keys[:, ::11] = np.inf
+  else:  # Few values: the k-th entry shares its high bits with the w-th, so whole rows sort.
+    keys = rng.integers(-2, 3, (7, num_entries)).astype(np.float32)
+  ties = rng.integers(0, 34, keys.shape).astype(np.int32)
+  got = jax.jit(lambda a, b: selection.smallest_indices(a, b, k, max_tie=33))(keys, ties)
+  want = [np.lexsort((np.arange(num_entries), t, key))[:k] for key, t in zip(keys, ties)]
+  np.testing.assert_array_equal(got, want)
+  got = jax.jit(lambda a: selection.smallest_indices(a, None, k))(keys)
+  np.testing.assert_array_equal(got, np.argsort(keys, axis=1, kind="stable")[:, :k])

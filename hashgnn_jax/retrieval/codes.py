@@ -20,18 +20,22 @@ def num_words(num_bits: int) -> int:
   return -(-num_bits // WORD_BITS)
 
 
+def pack_flags(flags: jax.Array) -> jax.Array:
+  """Packs bool flags [..., N] into uint32 [..., ceil(N / 32)]; word w bit j is flag 32w + j."""
+  *rows, n = flags.shape
+  width = num_words(n)
+  # Zero padding bits: for codes they are identical for every code, so never add to a distance.
+  bits = jnp.pad(flags.astype(jnp.uint32), [(0, 0)] * len(rows) + [(0, width * WORD_BITS - n)])
+  bits = bits.reshape(*rows, width, WORD_BITS)  # [..., W, 32]
+  shifts = jnp.arange(WORD_BITS, dtype=jnp.uint32)
+  # The shifted bits are disjoint powers of two, so their sum is their bitwise OR.
+  return jnp.sum(bits << shifts, axis=-1, dtype=jnp.uint32)  # [..., W]
+
+
 @jax.jit
 def pack_bits(codes: jax.Array) -> jax.Array:
   """Packs sign bits of codes [n, K] into uint32 [n, ceil(K / 32)]; word w bit j is code 32w + j."""
-  n, num_bits = codes.shape
-  width = num_words(num_bits)
-  bits = (codes >= 0).astype(jnp.uint32)  # [n, K]
-  # Zero padding bits are identical for every code, so they never add to an XOR distance.
-  bits = jnp.pad(bits, ((0, 0), (0, width * WORD_BITS - num_bits)))
-  bits = bits.reshape(n, width, WORD_BITS)  # [n, W, 32]
-  shifts = jnp.arange(WORD_BITS, dtype=jnp.uint32)
-  # The shifted bits are disjoint powers of two, so their sum is their bitwise OR.
-  return jnp.sum(bits << shifts, axis=-1, dtype=jnp.uint32)  # [n, W]
+  return pack_flags(codes >= 0)
 
 
 def popcount_distance(words_a: jax.Array, words_b: jax.Array, axis: int = -1) -> jax.Array:

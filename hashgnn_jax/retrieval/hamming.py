@@ -4,11 +4,13 @@ Selection by counting (the default on CPU). Hamming scores are integers in [0, K
 of blocks and items needs no top_k: the blocks to keep are found by counting
 (`selection.smallest_set`: the (n + p)-th smallest key by binary search over distances, each kept
 block's column by a prefix count and another binary search), which also leaves them in block
-order; the items of those blocks are chosen the same way and then ordered by a bitonic sorting
-network over (distance, slot) keys packed into int32. The results are top_k's. Lists of more than
-`COUNTING_MAX_SLOTS` and rows longer than `_COUNTING_ENTRIES_PER_SLOT` times the list still go to
-top_k. bench/retrieval.py, all users, K = 32, one device: Hamming search at the MovieLens shape
-0.16 s against top_k's 0.27.
+order; the items of those
+blocks are chosen the same way and then ordered by a bitonic sorting network over (distance, slot)
+keys packed into int32, or left in position order where the caller re-ranks them (hierarchical
+search). The results are top_k's. Ordered lists of more than `COUNTING_MAX_SLOTS`, and rows longer
+than a list's slots times `_COUNTING_ENTRIES_PER_SLOT` (ordered) or `_UNORDERED_ENTRIES_PER_SLOT`
+still go to top_k. bench/retrieval.py, all users, K = 32, one device: Hamming search at the
+MovieLens shape 0.16 s against top_k's 0.27.
 """
 
 import functools
@@ -29,12 +31,17 @@ P, USERS, ITEMS = layout.P, layout.USERS, layout.ITEMS  # Short names for the sp
 # Pinterest and Gowalla shapes (K = 32 and 64, up to 320 KiB of codes) and at 256 to 384 KiB,
 # level to 1.3x slower from 512 KiB to 2 MiB.
 USERS_MAJOR_MAX_BYTES = 384 << 10
-# Counting selection (`selection`) for lists of up to this many slots (k rounded up to a power of
-# two), over rows of up to this many entries per slot; beyond either, top_k. Measured on CPU at
-# k = 100: 1.4-1.5x faster than top_k over rows of 404 to 3,952 entries; at k = 500 (hierarchical
-# M = 500, Gowalla shape, 2 devices, 6,144 users) slower: 2.15 s against top_k's 1.35 s.
+# Counting selection (`selection`) for ordered lists of up to this many slots (k rounded up to a
+# power of two) over rows of up to `_COUNTING_ENTRIES_PER_SLOT` entries per slot; beyond either,
+# top_k. Measured on CPU at k = 100: 1.4-1.5x faster than top_k over rows of 404 to 3,952
+# entries. The sorting network that orders a list grows as k log2(k)**2, so long ordered lists
+# stay on top_k.
 COUNTING_MAX_SLOTS = 128
 _COUNTING_ENTRIES_PER_SLOT = 32
+# Unordered lists (chosen blocks; hierarchical candidates, re-ranked anyway) need no network, and
+# `selection.smallest_set` beat top_k over rows of up to 65,536 entries at k = 500 and 32,768 at
+# k = 100 (512 rows, 2-core CPU): counting for any k over up to this many entries per slot.
+_UNORDERED_ENTRIES_PER_SLOT = 256
 
 
 def _block_minimum(distances: list[jax.Array], num_words: int) -> jax.Array:
@@ -52,9 +59,11 @@ def as_distances(scores, num_bits):
   return jnp.where(jnp.isneginf(scores), num_bits + 1, -scores).astype(jnp.int32)
 
 
-def _counting_applies(num_entries, k, *, counting):
+def _counting_applies(num_entries, k, *, counting, ordered):
   """Whether `_hamming_columns` and `_hamming_top_k` count rather than call top_k."""
   width = 1 << (k - 1).bit_length()
+  if not ordered:
+    return counting and num_entries <= _UNORDERED_ENTRIES_PER_SLOT * width
   # The final sort packs (distance, slot) into one int32 key: fine for any K below 2**24 bits.
   return counting and width <= COUNTING_MAX_SLOTS and num_entries <= (
     _COUNTING_ENTRIES_PER_SLOT * width
@@ -66,7 +75,7 @@ def _hamming_columns(scores, k, *, num_bits, counting):
 
   The set `jax.lax.top_k` picks (ties: lower columns), in column order.
   """
-  if _counting_applies(scores.shape[1], k, counting=counting):
+  if _counting_applies(scores.shape[1], k, counting=counting, ordered=False):
     return selection_lib.smallest_set(as_distances(scores, num_bits), k, num_bits + 1)
   return jnp.sort(jax.lax.top_k(scores, k)[1], axis=1)
 
@@ -78,7 +87,7 @@ def _hamming_top_k(scores, k, *, num_bits, counting, ordered=True):
   packed into one int32 key: slots follow column order, so ties go to lower columns as in top_k.
   ordered=False leaves them in column order where counting applies (an unsorted top_k).
   """
-  if not _counting_applies(scores.shape[1], k, counting=counting):
+  if not _counting_applies(scores.shape[1], k, counting=counting, ordered=ordered):
     return jax.lax.top_k(scores, k)
   distances = as_distances(scores, num_bits)
   columns = selection_lib.smallest_set(distances, k, num_bits + 1)  # [C, k] ascending
@@ -191,6 +200,9 @@ def hamming_shard(words, user_words, distances, exclude, *, valid_items, num_pic
   picked = _hamming_columns(
     keys, min(num_picks, num_blocks), num_bits=num_bits, counting=counting
   )  # [C, m]
+  import os
+  if os.environ.get("PB"):
+    picked = jax.lax.optimization_barrier(picked)
   excluded = None
   if exclude is not None:
     slots = jax.vmap(jnp.searchsorted)(picked, ex_blocks)  # [C, L]

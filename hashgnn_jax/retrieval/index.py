@@ -84,8 +84,10 @@ def _search_shard(words, z, user_words, user_z, distances, exclude=None, *, mode
       z, user_z, exclude, block_size=block_size, tile_blocks=tile_blocks, **kwargs
     )
     return top_scores[None], (top_pos + offset)[None]
+  # Hierarchical candidates are re-ranked anyway: counting may leave them in position order.
   top_scores, top_pos = hamming.hamming_shard(
-    words, user_words, distances[0], exclude, counting=counting, ordered=not rerank, **kwargs
+    words, user_words, distances[0], exclude, counting=counting, ordered=mode == "hamming",
+    **kwargs
   )
   if mode == "hamming":
     return top_scores[None], (top_pos + offset)[None]
@@ -97,15 +99,24 @@ def _search_shard(words, z, user_words, user_z, distances, exclude=None, *, mode
   inner = jnp.where(jnp.isneginf(top_scores), -jnp.inf, inner)
   if not rerank:
     return top_scores[None], (top_pos + offset)[None], inner[None]
-  # The stable re-rank of the Hamming list is the order of (-inner product, distance, position).
-  # The list holds each distance's candidates in position order, sorted or not, so the list's slot
-  # can stand for the position, and the Hamming list needs no sorting network of its own.
   num_bits = words.shape[1] * codes_lib.WORD_BITS
-  top = selection_lib.argsort(
-    -inner, hamming.as_distances(top_scores, num_bits), max_tie=num_bits + 1
-  )[:, :num_results]  # [C, n]
+  top = _rerank(inner, top_scores, num_results, num_bits=num_bits, counting=counting)  # [C, n]
   top_pos = jnp.take_along_axis(top_pos, top, axis=1)
   return jnp.take_along_axis(inner, top, axis=1)[None], (top_pos + offset)[None]
+
+
+def _rerank(inner, hamming_scores, num_results, *, num_bits, counting):
+  """Slots [C, n] of the stable re-rank of Hamming lists [C, M] by inner products [C, M].
+
+  The stable re-rank is the order of (-inner product, distance, position). Lists hold each
+  distance's candidates in position order, sorted by distance or not, so the slot can stand for
+  the position. Without counting, lists come from top_k, sorted, and top_k's own tie rule (lower
+  slots) is the stable one.
+  """
+  if not counting:
+    return jax.lax.top_k(inner, num_results)[1]
+  distances = hamming.as_distances(hamming_scores, num_bits)
+  return selection_lib.smallest_indices(-inner, distances, num_results, max_tie=num_bits + 1)
 
 
 def _merge_shards(scores, *values, num_results):
@@ -152,10 +163,8 @@ def _search(words, z, tie_order, user_words, user_z, distances, exclude, *, mesh
   """
   extra_args = () if exclude is None else (exclude[None],)
   hierarchical = mode == "hierarchical"
-  network_rerank = hierarchical and counting and num_candidates <= hamming.COUNTING_MAX_SLOTS
-  # With one item shard a shard's candidates are final: re-ranked in the shard by distance as
-  # well as inner product, they spare counting the Hamming list's sorting network.
-  rerank = network_rerank and mesh.shape[ITEMS] == 1
+  # With one item shard a shard's candidates are final, so the shard re-ranks them itself.
+  rerank = hierarchical and mesh.shape[ITEMS] == 1
   shard_fn = jax.shard_map(
     functools.partial(
       _search_shard,
@@ -176,13 +185,23 @@ def _search(words, z, tie_order, user_words, user_z, distances, exclude, *, mesh
   )
   shard_lists = shard_fn(words, z, user_words, user_z, distances, *extra_args)
   if hierarchical and not rerank:
-    _, top_pos, inner = _merge_shards(*shard_lists, num_results=num_candidates)  # [C, M]
-    # Both prefer lower columns among ties, i.e. the better Hamming rank: a stable re-rank.
-    if network_rerank:
-      top = selection_lib.argsort(-inner)[:, :num_results]  # [C, n]
-      top_scores = jnp.take_along_axis(inner, top, axis=1)
+    num_bits = words.shape[-1] * codes_lib.WORD_BITS
+    if counting:
+      # Lists may be unordered. Shards hold ascending position ranges and each list keeps its
+      # ties in position order, so in the lists laid end to end a lower column is a lower
+      # position among equal distances: the counted M best are the merged list, as a set.
+      scores, top_pos, inner = (
+        jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1) for x in shard_lists
+      )  # [C, D * M]
+      picked = selection_lib.smallest_set(
+        hamming.as_distances(scores, num_bits), num_candidates, num_bits + 1
+      )  # [C, M]
+      scores, top_pos, inner = (jnp.take_along_axis(x, picked, axis=1)
+                                for x in (scores, top_pos, inner))
     else:
-      top_scores, top = jax.lax.top_k(inner, num_results)  # [C, n]
+      scores, top_pos, inner = _merge_shards(*shard_lists, num_results=num_candidates)  # [C, M]
+    top = _rerank(inner, scores, num_results, num_bits=num_bits, counting=counting)  # [C, n]
+    top_scores = jnp.take_along_axis(inner, top, axis=1)
     top_pos = jnp.take_along_axis(top_pos, top, axis=1)
   else:
     top_scores, top_pos = _merge_shards(*shard_lists, num_results=num_results)
@@ -198,7 +217,8 @@ class ItemIndex:
   merged). XLA's CPU top-k is single-threaded per device, so both put every core to work; user
   shards cost no merge, item shards divide the memory. `item_shards` defaults to all devices from
   `ITEM_SHARDING_FROM` items, else 1. `block_size` (default: automatic) sets the two-level
-  selection of the module docstring. `selection` picks how Hamming lists and the hierarchical
+  selection of the module docstring; Hamming and hierarchical searches for long lists halve it
+  (`_hamming_block_size`). `selection` picks how Hamming lists and the hierarchical
   re-rank are chosen and ordered: "top_k", "counting" (counting selection and sorting networks,
   faster than XLA's CPU top_k up to a few thousand entries per list; `selection` module), or
   "auto": counting on CPU devices, top_k elsewhere. Results are the same either way.
@@ -226,9 +246,6 @@ class ItemIndex:
     self._tile_blocks = min(blocks_needed, max(continuous.TILE_ITEMS // self.block_size, 1))
     blocks_per_shard = -(-blocks_needed // self._tile_blocks) * self._tile_blocks
     padded_items = item_shards * blocks_per_shard * self.block_size
-    # Whole blocks of padding get key -inf; the one block mixing items and padding may win on a
-    # padded item, so it takes one extra pick (module docstring).
-    self._num_picks_extra = int(self.num_items % self.block_size != 0)
     order = codes_lib.tie_break_order(self.num_items, tie_seed)
     self.tie_order = order
     self._item_positions = codes_lib.positions_of(order)
@@ -241,11 +258,40 @@ class ItemIndex:
     sharding = jax.sharding.NamedSharding(self._mesh, P(ITEMS))
     self._words = jax.device_put(words.reshape(item_shards, -1, words.shape[1]), sharding)
     self._z = jax.device_put(permuted.reshape(item_shards, -1, self.num_bits), sharding)
-    self._words_by_offset = None  # [D, b, W, B] where `block_distances_by_user` pays.
-    shard_bytes = words.nbytes // item_shards
-    if devices[0].platform == "cpu" and shard_bytes <= hamming.USERS_MAJOR_MAX_BYTES:
-      by_offset = words.reshape(item_shards, -1, self.block_size, words.shape[1])
-      self._words_by_offset = jax.device_put(by_offset.transpose(0, 2, 3, 1), sharding)
+    self._shard_items = padded_items // item_shards
+    # Where `block_distances_by_user` pays, the codes laid out [D, b, W, B] per block size b.
+    self._users_major = (devices[0].platform == "cpu"
+                         and words.nbytes // item_shards <= hamming.USERS_MAJOR_MAX_BYTES)
+    self._words_by_offset = {}
+
+  def _hamming_block_size(self, num_picks: int) -> int:
+    """Block size of a Hamming or hierarchical search keeping `num_picks` blocks per shard.
+
+    The layout's block size, halved while above sqrt(shard items / picks), where block keys and
+    the picked blocks' items balance: the evaluation's M = 500 keeps 501 blocks, and at the
+    automatic size (set for top-100 lists) it re-ranks 16 items per candidate at the Gowalla
+    shape. Halving keeps the codes' layout: a block of b / 2 is half a block of b.
+    """
+    size = self.block_size
+    while size % 2 == 0 and size * size * num_picks > self._shard_items:
+      size //= 2
+    return size
+
+  def _distances(self, user_words, block_size: int):
+    """Block distances [D, C, B] of a chunk's packed codes for blocks of `block_size`."""
+    if not self._users_major:
+      # Separate jits: fused with the transpose that selection needs, the key pass would loop
+      # over users outermost and re-read every code once per user (3x slower, measured).
+      return hamming.users_major(
+        hamming.block_distances(self._words, user_words, mesh=self._mesh, block_size=block_size)
+      )
+    if block_size not in self._words_by_offset:
+      words = np.asarray(self._words)  # [D, S, W], small: it fits the users-major bound.
+      by_offset = words.reshape(words.shape[0], -1, block_size, words.shape[2])
+      self._words_by_offset[block_size] = jax.device_put(
+        by_offset.transpose(0, 2, 3, 1), self._words.sharding)
+    return hamming.block_distances_by_user(self._words_by_offset[block_size], user_words,
+                                           mesh=self._mesh)
 
   def search(
     self,
@@ -286,17 +332,13 @@ class ItemIndex:
     if exclude is not None:
       exclude = np.pad(exclude, ((0, pad), (0, 0)), constant_values=np.iinfo(np.int32).max)
     user_words = codes_lib.pack_bits(user_z)  # [C, W], sharded like user_z
-    distances = None
-    if mode != "continuous" and self._words_by_offset is not None:
-      distances = hamming.block_distances_by_user(self._words_by_offset, user_words,
-                                                  mesh=self._mesh)
-    elif mode != "continuous":
-      # Separate jits: fused with the transpose that selection needs, the key pass would loop
-      # over users outermost and re-read every code once per user (3x slower, measured).
-      distances = hamming.users_major(
-        hamming.block_distances(self._words, user_words, mesh=self._mesh,
-                                block_size=self.block_size)
-      )
+    block_size, distances = self.block_size, None
+    if mode != "continuous":
+      block_size = self._hamming_block_size((num_candidates or num_results) + 1)
+      distances = self._distances(user_words, block_size)
+    # Whole blocks of padding get key -inf; the one block mixing items and padding may win on a
+    # padded item, so it takes one extra pick (module docstring).
+    num_picks_extra = int(self.num_items % block_size != 0)
     item_ids, scores = _search(
       self._words,
       self._z,
@@ -310,8 +352,8 @@ class ItemIndex:
       num_results=num_results,
       num_candidates=num_candidates,
       num_items=self.num_items,
-      num_picks_extra=self._num_picks_extra,
-      block_size=self.block_size,
+      num_picks_extra=num_picks_extra,
+      block_size=block_size,
       tile_blocks=self._tile_blocks,
       counting=self._counting,
     )

@@ -38,10 +38,13 @@ USERS_MAJOR_MAX_BYTES = 384 << 10
 # stay on top_k.
 COUNTING_MAX_SLOTS = 128
 _COUNTING_ENTRIES_PER_SLOT = 32
-# Unordered lists (chosen blocks; hierarchical candidates, re-ranked anyway) need no network, and
-# `selection.smallest_set` beat top_k over rows of up to 65,536 entries at k = 500 and 32,768 at
-# k = 100 (512 rows, 2-core CPU): counting for any k over up to this many entries per slot.
-_UNORDERED_ENTRIES_PER_SLOT = 256
+# Unordered lists (chosen blocks; hierarchical candidates, re-ranked anyway) need no network, so
+# any k counts, over up to this many entries per slot. In isolation (512 rows, 2-core CPU)
+# `selection.smallest_set` beat top_k up to 65,536 entries at k = 500, but in the search at 256
+# the Alibaba shape (32,560 blocks a shard) counted and was slower (bench/retrieval.py, 2
+# devices: Hamming 1,010 s against 842, hierarchical M = 500 1,360 against 1,190; extrapolated),
+# so rows that long stay on top_k.
+_UNORDERED_ENTRIES_PER_SLOT = 32
 
 
 def _block_minimum(distances: list[jax.Array], num_words: int) -> jax.Array:

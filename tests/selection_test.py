@@ -114,8 +114,8 @@ def _reference_set(values, k):
 
 @pytest.mark.parametrize(
   "num_entries, k, max_value",
-  # 5,000 entries take two prefix counts: 5,000 << 13 is past float32's exact integers; so do
-  # M = 500 over 501 blocks of 16 (hierarchical search's item level). A non-power-of-two list.
+  # Rows that end inside a word; M = 500 over 501 blocks of 16 (hierarchical search's item level)
+  # with many and with few distinct values; a non-power-of-two list over values past uint8.
   [(1, 1, 0), (5, 5, 3), (37, 20, 1), (100, 7, 0), (988, 101, 33), (5000, 300, 65),
    (8016, 500, 33), (8016, 500, 1), (1001, 333, 300), (64, 64, 2)],
 )

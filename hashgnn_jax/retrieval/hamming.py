@@ -3,14 +3,14 @@
 Selection by counting (the default on CPU). Hamming scores are integers in [0, K], so the choice
 of blocks and items needs no top_k: the blocks to keep are found by counting
 (`selection.smallest_set`: the (n + p)-th smallest key by binary search over distances, each kept
-block's column by a prefix count and another binary search), which also leaves them in block
-order; the items of those
-blocks are chosen the same way and then ordered by a bitonic sorting network over (distance, slot)
-keys packed into int32, or left in position order where the caller re-ranks them (hierarchical
-search). The results are top_k's. Ordered lists of more than `COUNTING_MAX_SLOTS`, and rows longer
-than a list's slots times `_COUNTING_ENTRIES_PER_SLOT` (ordered) or `_UNORDERED_ENTRIES_PER_SLOT`
-still go to top_k. bench/retrieval.py, all users, K = 32, one device: Hamming search at the
-MovieLens shape 0.16 s against top_k's 0.27.
+block's column by a prefix count over bit-packed words and another binary search), which also
+leaves them in block order; the items of those blocks are chosen the same way and then ordered by
+a bitonic sorting network over (distance, slot) keys packed into int32, or left in position order
+where the caller re-ranks them (hierarchical search). The results are top_k's. Ordered lists of
+more than `COUNTING_MAX_SLOTS`, and rows longer than a list's slots times
+`_COUNTING_ENTRIES_PER_SLOT` (ordered) or `_UNORDERED_ENTRIES_PER_SLOT` still go to top_k.
+bench/retrieval.py, all users, K = 32, one device: Hamming search at the MovieLens shape 0.16 s
+against top_k's 0.27.
 """
 
 import functools
@@ -203,9 +203,6 @@ def hamming_shard(words, user_words, distances, exclude, *, valid_items, num_pic
   picked = _hamming_columns(
     keys, min(num_picks, num_blocks), num_bits=num_bits, counting=counting
   )  # [C, m]
-  import os
-  if os.environ.get("PB"):
-    picked = jax.lax.optimization_barrier(picked)
   excluded = None
   if exclude is not None:
     slots = jax.vmap(jnp.searchsorted)(picked, ex_blocks)  # [C, L]

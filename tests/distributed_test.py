@@ -86,8 +86,18 @@ def _state(workdir, config, step=None):
   return jax.device_get(state)
 
 
-def _assert_close(a, b):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6), a, b)
+def _assert_close(a, b, bound=1e-3):
+  """Each leaf of a within bound × its norm of b's.
+
+  Processes sum the devices' gradients over gloo, one process over its own all-reduce, in
+  other orders: rounding differences of 1e-7 that 60 Adam steps grow to 1e-4 relative (4.5e-4
+  at most on a 2-core Xeon, in the momenta). A wrong batch, seed or shard moves leaves by O(1).
+  """
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    assert x.shape == y.shape, jax.tree_util.keystr(path)
+    error = np.linalg.norm(x - y)
+    assert error <= bound * np.linalg.norm(y), (jax.tree_util.keystr(path), error)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +174,8 @@ def test_kill_9_then_resume_equals_a_straight_run(runs, tmp_path):
   # Whatever the kill interrupted (a save included), the rerun resumes from a complete
   # checkpoint and ends where the straight run did.
   train.train_and_evaluate(_config(), str(workdir))
-  _assert_close(_state(workdir, _config()), _state(runs["1x4"], _config()))
+  # One process both times, the same sums in the same order.
+  _assert_close(_state(workdir, _config()), _state(runs["1x4"], _config()), bound=1e-6)
 
 
 def test_a_dead_process_makes_the_other_exit_with_an_error(tmp_path):

@@ -61,7 +61,7 @@ QUICK_SCALE = 0.05
 def benchmark_config(batch_size: int, sampler_mode: str, embedding_update: str, *extras: str):
   """Issue 4's benchmark configuration; extra "ib" adds the default variant's in-batch softmax
   (hashgnn_ib: scores · 10 / K, p = 1), "lightgcn" swaps the layers for LightGCN's (weightless,
-  64 wide, the layers' mean)."""
+  64 wide, the layers' mean), "sharded" shards the table and moments by rows (issue 21)."""
   from hashgnn_jax import config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.default_config()
   config.model.embed_dim = 64
@@ -92,8 +92,11 @@ def benchmark_config(batch_size: int, sampler_mode: str, embedding_update: str, 
     elif extra == "lightgcn":
       config.model.aggregator = "lightgcn"
       config.model.hidden_dims = (config.model.embed_dim,) * 2
+    elif extra == "sharded":
+      config.train.embedding_layout = "sharded"
     else:
-      raise ValueError(f"Unknown {extra!r} in a variant; expected 'ib' or 'lightgcn'.")
+      raise ValueError(f"Unknown {extra!r} in a variant; expected 'ib', 'lightgcn' or "
+                       "'sharded'.")
   config_lib.validate(config)
   return config
 
@@ -136,6 +139,22 @@ def step_collectives(dense, shard_inputs, *, rows: int, dim: int):
   return ids.sum() + grads.sum() + sum(x.sum() for x in jax.tree.leaves(dense))
 
 
+def sharded_collectives(blocks, shard_inputs, *, rows: int, dim: int):
+  """What the sharded layout's step sends instead (`tables.lookup`, `tables.owned_gradients`):
+  requests of [rows] ids to every owner, the rows [rows, dim] back, and the gradients to the
+  owners; the dense gradients' pmean as in `step_collectives` is left out (the same in both)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from hashgnn_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  shard = shard_inputs[0]
+  ids = (jnp.arange(rows, dtype=jnp.int32) * 97 + shard) % blocks.shape[0]  # Local ids.
+  num = jax.lax.axis_size(step_lib.AXIS)
+  asked = jax.lax.all_to_all(jnp.broadcast_to(ids, (num, rows)), step_lib.AXIS, 0, 0)
+  got = jax.lax.all_to_all(blocks.at[asked].get(mode="fill", fill_value=0), step_lib.AXIS, 0, 0)
+  grads = jax.lax.all_to_all(jnp.broadcast_to(got.sum(0), (num, rows, dim)), step_lib.AXIS, 0, 0)
+  return grads.sum()
+
+
 def worker(args) -> dict:
   """One (shape, batch, variant) measurement in this process."""
   if args.host_memory == "reuse":
@@ -154,6 +173,7 @@ def worker(args) -> dict:
   from hashgnn_jax.train import schedules  # pylint: disable=g-import-not-at-top
   from hashgnn_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from hashgnn_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  from hashgnn_jax.train import tables  # pylint: disable=g-import-not-at-top
 
   multiprocess = args.num_processes > 1
   if multiprocess:
@@ -175,8 +195,11 @@ def worker(args) -> dict:
   replicated, shard_inputs = step_lib.device_layout(devices)
   # Through the host, as train.loop does: an array on one device is not placed across processes.
   via_host = jax.device_get if multiprocess else lambda x: x
-  state = jax.device_put(
-      via_host(state_lib.create_train_state(model, tx, jax.random.PRNGKey(0), update)), replicated)
+  layout = config.train.embedding_layout
+  rows = tables.RowSharding(tuple(devices), graph.num_nodes) if layout == "sharded" else None
+  state = step_lib.place_state(
+      state_lib.create_train_state(model, tx, jax.random.PRNGKey(0), update, rows), devices,
+      layout)
   device_graph = graph_lib.to_device(graph, replicated)
   order = jax.device_put(via_host(sampler.epoch_order(jax.random.PRNGKey(1), 0, graph.num_edges)),
                          replicated)
@@ -223,13 +246,22 @@ def worker(args) -> dict:
                          3)
   collective_seconds = None
   if len(devices) > 1 and set_sizes and update == "rowwise":
-    collectives = jax.pmap(
-        functools.partial(step_collectives, rows=set_sizes[-1], dim=config.model.embed_dim),
-        axis_name=step_lib.AXIS, in_axes=(None, 0), out_axes=None, devices=devices)
-    dense = state_lib.split_embedding(state.params)[1]
-    jax.block_until_ready(collectives(dense, shard_inputs))
-    collective_seconds = timed(lambda: collectives(dense, shard_inputs), args.steps)
+    if rows is None:
+      collectives = jax.pmap(
+          functools.partial(step_collectives, rows=set_sizes[-1], dim=config.model.embed_dim),
+          axis_name=step_lib.AXIS, in_axes=(None, 0), out_axes=None, devices=devices)
+      payload = state_lib.split_embedding(state.params)[1]
+    else:
+      collectives = jax.pmap(
+          functools.partial(sharded_collectives, rows=set_sizes[-1], dim=config.model.embed_dim),
+          axis_name=step_lib.AXIS, in_axes=(0, 0), out_axes=None, devices=devices)
+      payload = state_lib.split_embedding(state.params)[0]
+    jax.block_until_ready(collectives(payload, shard_inputs))
+    collective_seconds = timed(lambda: collectives(payload, shard_inputs), args.steps)
   peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  # The table and both moments as the first device holds them (its block when sharded).
+  held = []
+  state_lib.map_tables(lambda x: held.append(x.addressable_data(0).nbytes), state)
   return {
       "shape": args.shape, "batch": args.batch, "variant": args.variant,
       "devices": len(devices), "processes": args.num_processes, "host_memory": args.host_memory,
@@ -241,6 +273,7 @@ def worker(args) -> dict:
       "collective_ms": None if collective_seconds is None else round(collective_seconds * 1e3, 2),
       "first_step_seconds": round(compile_seconds, 2),
       "peak_rss_gib": round(peak_rss / 2**30, 3),
+      "table_gib_per_device": round(sum(held) / 2**30, 3),
       "loss": float(metrics["loss"]),
       # Per-device set sizes the model ran on when the last step's sample fit them.
       "set_sizes": list(set_sizes) if set_sizes else None,

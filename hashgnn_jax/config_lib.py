@@ -34,6 +34,7 @@ PROTOCOLS = ("standard", "paper")
 SAMPLER_MODES = ("node", "tree")
 TRIM_SETS = ("auto", "always", "never")
 EMBEDDING_UPDATES = ("rowwise", "dense")
+EMBEDDING_LAYOUTS = ("replicated", "sharded")
 LR_SCHEDULES = ("constant", "cosine")
 TIMESTAMP_UNITS = tuple(formats.TIMESTAMP_UNIT_DIGITS)
 RATED_KINDS = ("movielens", "csv")  # csv only with config.data.columns.rating set.
@@ -181,6 +182,10 @@ def default_config() -> ml_collections.ConfigDict:
   # rowwise: lazy Adam on the embedding rows a step touches, so a step's cost does not grow with
   # the catalogue (optim.py has the semantics); dense: optax Adam over the whole table.
   config.train.embedding_update = "rowwise"
+  # replicated: every device holds the whole table and both moments; sharded: each of the n
+  # devices (all processes') owns 1/n of their rows and serves them to the others in the step
+  # (train/tables.py; row-wise updates only). README has the rule of thumb.
+  config.train.embedding_layout = "replicated"
   config.train.num_epochs = 4.0  # Over the training edges; fractional values allowed.
   config.train.num_steps = -1  # >0 overrides num_epochs.
   config.train.num_devices = -1  # -1: all local devices.
@@ -455,6 +460,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.loss.{key}={config.loss[key]} must be >= 0.")
   _check_choice(config.sampler.mode, SAMPLER_MODES, "sampler.mode")
   _check_choice(config.train.embedding_update, EMBEDDING_UPDATES, "train.embedding_update")
+  _check_choice(config.train.embedding_layout, EMBEDDING_LAYOUTS, "train.embedding_layout")
+  if config.train.embedding_layout == "sharded" and config.train.embedding_update != "rowwise":
+    raise ValueError("config.train.embedding_layout='sharded' needs "
+                     "config.train.embedding_update='rowwise' (dense Adam reads the whole table "
+                     f"each step), not {config.train.embedding_update!r}.")
   _check_choice(config.train.lr_schedule, LR_SCHEDULES, "train.lr_schedule")
   if not 0.0 <= config.train.lr_end_fraction <= 1.0:
     raise ValueError(

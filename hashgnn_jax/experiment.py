@@ -25,6 +25,7 @@ from hashgnn_jax.train import optim
 from hashgnn_jax.train import schedules
 from hashgnn_jax.train import state as state_lib
 from hashgnn_jax.train import step as step_lib
+from hashgnn_jax.train import tables
 
 
 def select_devices(train_config) -> list[jax.Device]:
@@ -72,29 +73,52 @@ class Experiment:
     self.tx = optim.create_optimizer(config.train, self.num_steps)
     root = jax.random.PRNGKey(config.seed)
     self.init_rng, self.order_rng, self.step_rng = jax.random.split(root, 3)
+    # The sharded layout's owners of the table's rows (None: replicated).
+    self.row_sharding = (tables.RowSharding(tuple(self.devices), self.model.num_nodes)
+                         if config.train.embedding_layout == "sharded" else None)
 
   def initial_state(self) -> state_lib.TrainState:
     """Fresh parameters, or `train.init_from`'s run's (see `state.with_trained`)."""
     with jax.default_device(self.local_devices[0]):
       state = state_lib.create_train_state(self.model, self.tx, self.init_rng,
-                                           self.config.train.embedding_update)
+                                           self.config.train.embedding_update, self.row_sharding)
       source = self.config.train.init_from
       if not source:
         return state
       trained, which, step = checkpointing.trained_params(source)
       # A run that trains only the hash layer (HashGNN_sp) learns a fresh one.
       fresh = self.config.train.trainable == "hash"
-      params = state_lib.with_trained(state.params, trained, source=source,
+      params = state_lib.with_trained(self.whole_params(state.params), trained, source=source,
                                       fresh_hash_layer=fresh)
+      if self.row_sharding is not None:
+        table, dense = state_lib.split_embedding(params)
+        params = state_lib.join_embedding(self.row_sharding.split(table), dense)
       logging.info("Parameters from %s (%s checkpoint, step %d)%s.", source, which, step,
                    ", a fresh hash layer" if fresh else "")
       return state.replace(params=params)
 
   def abstract_state(self):
-    """The train state's shapes, replicated over `devices`: the restore target's layout."""
+    """The train state's shapes as checkpoints hold them: the restore target's layout.
+
+    Replicated over `devices`, except in the sharded layout the table and moments, saved as
+    [n·L, E] split by rows (`tables.RowSharding.to_saved`).
+    """
     shapes = jax.eval_shape(lambda: state_lib.create_train_state(self.model, self.tx, self.init_rng,
                                                        self.config.train.embedding_update))
-    return checkpointing.abstract_like(shapes, self.replicated)
+    abstract = checkpointing.abstract_like(shapes, self.replicated)
+    rows = self.row_sharding
+    if rows is None:
+      return abstract
+    return state_lib.map_tables(
+        lambda x: jax.ShapeDtypeStruct(rows.saved_shape(x.shape[1]), x.dtype,
+                                       sharding=rows.sharding), abstract)
+
+  def whole_params(self, params):
+    """params with a sharded table gathered whole onto the host (evaluation, export, init)."""
+    if self.row_sharding is None:
+      return params
+    table, dense = state_lib.split_embedding(params)
+    return state_lib.join_embedding(self.row_sharding.gather(table), dense)
 
   @functools.cached_property
   def replicated(self) -> jax.sharding.NamedSharding:
@@ -104,13 +128,13 @@ class Experiment:
   def checkpointer(self, workdir: str) -> checkpointing.Checkpointer:
     return checkpointing.Checkpointer(workdir, every_steps=self.config.checkpoint.every_steps,
                                       max_to_keep=self.config.checkpoint.max_to_keep,
-                                      sharding=self.replicated)
+                                      sharding=self.replicated, rows=self.row_sharding)
 
   def best_checkpointer(self, workdir: str) -> checkpointing.Checkpointer:
     """Keeps the checkpoint with the best validation `eval.best_metric`."""
     return checkpointing.Checkpointer(workdir, every_steps=1, max_to_keep=1,
                                       subdir="checkpoints_best", keep_best=True,
-                                      sharding=self.replicated)
+                                      sharding=self.replicated, rows=self.row_sharding)
 
   @property
   def has_validation(self) -> bool:
@@ -126,7 +150,8 @@ class Experiment:
     else:
       raise ValueError(f"Unknown split {split!r}; expected 'valid' or 'test'.")
     # Encoding and scoring run on this process's devices, from its copy of the parameters.
-    return evaluate_lib.evaluate(self.model, distributed.local_copy(params), self.graph, users, items, self.config.eval,
+    params = distributed.local_copy(self.whole_params(params))
+    return evaluate_lib.evaluate(self.model, params, self.graph, users, items, self.config.eval,
                                  step=step, split=split, known=known)
 
   @functools.cached_property
@@ -185,4 +210,4 @@ def restore_params(exp: Experiment, workdir: str, step: int | None,
                               "validation split (config.data.valid_fraction) or no evaluation.")
   state = ckpt.restore(exp.abstract_state(), step, exp.config.to_dict())
   ckpt.close()
-  return distributed.local_copy(state.params), int(state.step)
+  return distributed.local_copy(exp.whole_params(state.params)), int(state.step)

@@ -44,7 +44,8 @@ def _run_steps(exp, devices, num_steps, state=None, set_sizes=None):
     assert set_sizes is not None
   step_fn = step_lib.make_train_step(exp.model, exp.tx, exp.config, exp.per_epoch, devices,
                                   set_sizes)
-  state = jax.device_put(exp.initial_state() if state is None else state, replicated)
+  state = step_lib.place_state(exp.initial_state() if state is None else state, devices,
+                               exp.config.train.embedding_layout)
   metrics = None
   for _ in range(num_steps):
     epoch = int(state.step) // exp.per_epoch

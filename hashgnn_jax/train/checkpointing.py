@@ -8,6 +8,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from hashgnn_jax import distributed
+from hashgnn_jax.train import state as state_lib
+from hashgnn_jax.train import tables
 
 # Where a run's unreadable checkpoints go when it resumes past them (`Checkpointer.restore`).
 CORRUPT_SUBDIR = "checkpoints_corrupt"
@@ -22,13 +24,16 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, every_steps: int, max_to_keep: int,
                subdir: str = "checkpoints", keep_best: bool = False,
-               sharding: jax.sharding.NamedSharding | None = None):
+               sharding: jax.sharding.NamedSharding | None = None,
+               rows: tables.RowSharding | None = None):
     """With `keep_best`, keeps only the `max_to_keep` saves of highest `metrics["score"]`.
 
     sharding: the replicated layout of the saved state over every process's devices, needed
-    when several processes save (`distributed.as_global`).
+    when several processes save (`distributed.as_global`). rows: the sharded layout's owners,
+    whose [n, L, E] blocks are saved as [n·L, E] split by rows and restored back into blocks.
     """
     self._sharding = sharding
+    self._rows = rows
     self.directory = os.path.join(os.path.abspath(workdir), subdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
@@ -59,6 +64,8 @@ class Checkpointer:
     # Decided here, once, so the state is converted only for a save (not on every step).
     if not (force or self._manager.should_save(step)):
       return False
+    if self._rows is not None:
+      state = state_lib.map_tables(self._rows.to_saved, state)
     if jax.process_count() > 1:
       if self._sharding is None:
         raise ValueError("Saving from several processes needs the Checkpointer's sharding.")
@@ -74,6 +81,10 @@ class Checkpointer:
   def restore(self, abstract_state, step: int | None = None, config_dict: dict | None = None,
               set_aside_unreadable: bool = False):
     """Restores the state at `step` (latest if None) into the structure of `abstract_state`.
+
+    The table and its moments may have been saved with another number of rows (the other
+    layout, or the sharded one over another device count): past the graph's nodes rows are
+    padding, so they are cut or padded with zeros to the target's.
 
     If the saved state does not fit that structure and `config_dict` (this run's config) is
     given, the error names the settings that differ from the run that wrote the checkpoint.
@@ -112,9 +123,10 @@ class Checkpointer:
                        "failed to restore (warnings above); they are left in place.")
 
   def _restore_step(self, abstract_state, step: int, config_dict: dict | None):
+    strict = not self._only_table_rows_differ(abstract_state, step, config_dict)
     try:
-      restored = self._manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state, strict=strict)))
     except ValueError as error:
       if "do not match" not in str(error):
         raise
@@ -122,7 +134,33 @@ class Checkpointer:
           f"The checkpoint at step {step} under {self.directory} does not fit this run's train "
           f"state (other model or optimizer settings). {self._differences(step, config_dict)}"
       ) from error
+    if self._rows is not None:
+      return state_lib.map_tables(self._rows.from_saved, restored.state)
     return restored.state
+
+  def _only_table_rows_differ(self, abstract_state, step: int, config_dict: dict | None) -> bool:
+    """Whether the saved state has the target's leaves and shapes but for the row counts of
+    the table and moments, each at least the graph's node count: the one difference that
+    padding or cutting rows mends. Raises ConfigMismatchError naming the leaves where other
+    shapes differ (the run's settings do); another tree restores strictly and fails there."""
+    try:
+      saved = _shapes(ocp.StandardCheckpointer().metadata(
+          os.path.join(self.directory, str(step), "state")).item_metadata.tree)
+    except Exception:  # pylint: disable=broad-except
+      return False  # Unreadable metadata: the strict restore says what is wrong.
+    target = _shapes(abstract_state)
+    if saved.keys() != target.keys():
+      return False
+    differ = sorted(path for path in target if saved[path] != target[path])
+    num_rows = target[("node_marks",)][0] - 1  # Marks cover the nodes and one spare slot.
+    rows_only = all(p in state_lib.TABLE_PATHS and saved[p][1:] == target[p][1:]
+                    and min(saved[p][0], target[p][0]) >= num_rows for p in differ)
+    if not rows_only:
+      shapes = "; ".join(f"{'/'.join(p)}: {saved[p]} -> {target[p]}" for p in differ[:4])
+      raise ConfigMismatchError(
+          f"The checkpoint at step {step} under {self.directory} does not fit this run's train "
+          f"state: shapes differ ({shapes}). {self._differences(step, config_dict)}")
+    return bool(differ)
 
   def _set_aside(self, steps: list[int]) -> None:
     """Moves unreadable step folders out of Orbax's sight, so the run can save those steps."""
@@ -184,6 +222,18 @@ def trained_params(workdir: str) -> tuple[dict, str, int]:
   raise FileNotFoundError(f"No checkpoint under {workdir}/checkpoints_best or "
                           f"{workdir}/checkpoints: config.train.init_from must name the workdir "
                           "of a trained run.")
+
+
+def _shapes(tree) -> dict:
+  """{path of names: shape} of a tree's arrays (a train state, or a checkpoint's metadata)."""
+  def name(key):
+    for field in ("name", "key", "idx"):
+      if hasattr(key, field):
+        return str(getattr(key, field))
+    return str(key)
+
+  return {tuple(name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

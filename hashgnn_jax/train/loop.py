@@ -40,10 +40,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   replicated = exp.replicated
   # A stop request rides in the step's mapped input, so the processes agree on it for free.
   inputs = {stop: step_lib.shard_inputs(devices, stop=stop) for stop in (False, True)}
-  # The step returns state replicated over `devices`; giving it the same layout from the start
-  # keeps the first call from tracing a second time. Through the host where other processes
-  # hold some of the devices: an array on one device is not placed across processes.
-  state = jax.device_put(state if jax.process_count() == 1 else jax.device_get(state), replicated)
+  # The step returns state in this layout; giving it the same from the start keeps the first
+  # call from tracing a second time.
+  state = step_lib.place_state(state, devices, config.train.embedding_layout)
   graph = graph_lib.to_device(exp.graph, replicated)
   order_fn = jax.jit(functools.partial(sampler.epoch_order, num_edges=exp.graph.num_edges),
                      out_shardings=replicated)

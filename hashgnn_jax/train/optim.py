@@ -61,12 +61,21 @@ def combine_row_grads(ids: jax.Array, grads: jax.Array, marks: jax.Array,
   num_rows = marks.shape[0] - 1
   all_ids = jax.lax.all_gather(ids, axis_name).reshape(-1)  # [n·S]
   all_grads = jax.lax.all_gather(grads, axis_name).reshape(-1, grads.shape[-1])  # [n·S, D]
-  valid = all_ids < num_rows
-  size = min(all_ids.shape[0], num_rows)
-  unique, _, inverse, marks = graph_lib.unique_nodes(all_ids, valid, size, marks)
-  slots = jnp.where(valid, inverse, size)
-  summed = jnp.zeros((size, grads.shape[-1]), grads.dtype).at[slots].add(all_grads, mode="drop")
+  unique, summed, marks = sum_by_row(all_ids, all_ids < num_rows, all_grads, num_rows, marks)
   return unique, summed / num_devices, marks
+
+
+def sum_by_row(ids: jax.Array, valid: jax.Array, grads: jax.Array, num_rows: int,
+               marks: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """ids [m] (valid ones below num_rows), grads [m, D] -> (distinct ids [G] in first-occurrence
+  order, padded with marks' N; the sum of each one's gradients [G, D]; marks), G = min(m,
+  num_rows). Entries add in their order in `ids`, so callers that list the same entries in the
+  same order get the same sums bit for bit."""
+  size = min(ids.shape[0], num_rows)
+  unique, _, inverse, marks = graph_lib.unique_nodes(ids, valid, size, marks)
+  slots = jnp.where(valid, inverse, size)
+  summed = jnp.zeros((size, grads.shape[-1]), grads.dtype).at[slots].add(grads, mode="drop")
+  return unique, summed, marks
 
 
 def _in_id_order(ids: jax.Array, grads: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:

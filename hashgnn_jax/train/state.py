@@ -9,6 +9,7 @@ from hashgnn_jax import config_lib
 from hashgnn_jax.data import graph as graph_lib
 from hashgnn_jax.model import network as model_lib
 from hashgnn_jax.train import optim
+from hashgnn_jax.train import tables
 
 
 @flax.struct.dataclass
@@ -30,6 +31,21 @@ def split_embedding(params) -> tuple[jax.Array, dict]:
 
 def join_embedding(table: jax.Array, dense: dict) -> dict:
   return {**dense, "embedding": {"embedding": table}}
+
+
+# The leaves `map_tables` reaches, as paths of names into the state.
+TABLE_PATHS = (("params", "embedding", "embedding"), ("opt_state", "rows", "mu"),
+               ("opt_state", "rows", "nu"))
+
+
+def map_tables(fn, state: TrainState) -> TrainState:
+  """`state` with fn applied to the embedding table and both of its row-wise Adam moments: the
+  leaves `train.embedding_layout` shards (`tables.RowSharding`)."""
+  table, dense = split_embedding(state.params)
+  rows = state.opt_state["rows"]
+  return state.replace(params=join_embedding(fn(table), dense),
+                       opt_state={**state.opt_state,
+                                  "rows": rows.replace(mu=fn(rows.mu), nu=fn(rows.nu))})
 
 
 def with_trained(params: dict, trained: dict, *, source: str, fresh_hash_layer: bool) -> dict:
@@ -58,11 +74,14 @@ def with_trained(params: dict, trained: dict, *, source: str, fresh_hash_layer: 
 
 
 def create_train_state(model: model_lib.HashGNN, tx: optax.GradientTransformation,
-                       rng: jax.Array, embedding_update: str = "rowwise") -> TrainState:
+                       rng: jax.Array, embedding_update: str = "rowwise",
+                       rows: tables.RowSharding | None = None) -> TrainState:
   """Initial parameters (from a one-node dummy tree) and optimizer state.
 
   With row-wise updates, `tx` optimises every parameter but the table, whose Adam moments live in
-  an `optim.RowAdamState`; with dense updates `tx` optimises everything.
+  an `optim.RowAdamState`; with dense updates `tx` optimises everything. With `rows` (the
+  sharded layout) the table and moments come as [n, L, E] blocks on their owners; the moments
+  are made there, never whole.
   """
   num_layers = len(model.hidden_dims)
   dummy = graph_lib.sampled_tree_graph(
@@ -74,7 +93,16 @@ def create_train_state(model: model_lib.HashGNN, tx: optax.GradientTransformatio
     opt_state = tx.init(params)
   elif embedding_update == "rowwise":
     table, dense = split_embedding(params)
-    opt_state = {"dense": tx.init(dense), "rows": optim.row_adam_init(table)}
+    if rows is None:
+      opt_state = {"dense": tx.init(dense), "rows": optim.row_adam_init(table)}
+    else:
+      blocks = rows.split(table)
+      del table, params  # The whole table: 2.6 GB at 10M rows of 64.
+      zeros = lambda: rows.zeros(blocks.shape[-1], blocks.dtype)
+      params = join_embedding(blocks, dense)
+      opt_state = {"dense": tx.init(dense),
+                   "rows": optim.RowAdamState(count=jnp.zeros((), jnp.int32), mu=zeros(),
+                                              nu=zeros())}
   else:
     raise ValueError(f"config.train.embedding_update={embedding_update!r} is not one of "
                      f"{config_lib.EMBEDDING_UPDATES}.")

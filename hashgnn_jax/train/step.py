@@ -17,6 +17,7 @@ from hashgnn_jax.train import optim
 from hashgnn_jax.train import sampler
 from hashgnn_jax.train import schedules
 from hashgnn_jax.train import state as state_lib
+from hashgnn_jax.train import tables
 
 AXIS = "batch"
 
@@ -60,6 +61,9 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
 
   node_mode = config.sampler.mode == "node"
   rowwise = config.train.embedding_update == "rowwise"
+  # The sharded layout: each device's block of the table and moments, [L, E] inside the step.
+  sharded = config.train.embedding_layout == "sharded"
+  block_rows = tables.RowSharding(tuple(devices), model.num_nodes).rows_per_device
   learning_rate = schedules.create_learning_rate(
       config.train, schedules.total_steps(config.train, per_epoch))
 
@@ -165,15 +169,24 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
     if set_sizes is not None:
       complete = jax.lax.psum(jnp.logical_not(batch.complete).astype(jnp.int32), AXIS) == 0
     if rowwise:
-      table, dense = state_lib.split_embedding(state.params)
-      # Padding slots read row 0, reach no target, and get no update (their ids lie past the
-      # table, which the update drops).
-      rows = table.at[jnp.where(row_valid, row_ids, 0)].get(mode="promise_in_bounds")  # [S, E]
-      row_ids = jnp.where(row_valid & complete, row_ids, graph.num_nodes)
+      table, dense = state_lib.split_embedding(state.params)  # sharded: this device's block
+      if sharded:
+        rows, asked = tables.lookup(table, row_ids, row_valid, AXIS)  # [S, E], [n, S]
+      else:
+        # Padding slots read row 0, reach no target, and get no update (their ids lie past the
+        # table, which the update drops).
+        rows = table.at[jnp.where(row_valid, row_ids, 0)].get(mode="promise_in_bounds")
+        row_ids = jnp.where(row_valid & complete, row_ids, graph.num_nodes)
       (grads, row_grads), metrics = jax.grad(
           lambda d, r: loss_fn(state_lib.join_embedding(table, d), r), argnums=(0, 1),
           has_aux=True)(dense, rows)
-      row_ids, row_grads, marks = optim.combine_row_grads(row_ids, row_grads, marks, AXIS)
+      if sharded:
+        # `complete` is the same on every device, so owners may drop a trimmed step's requests.
+        asked = jnp.where(complete, asked, block_rows)
+        row_ids, row_grads, marks = tables.owned_gradients(asked, row_grads, block_rows, marks,
+                                                           AXIS)
+      else:
+        row_ids, row_grads, marks = optim.combine_row_grads(row_ids, row_grads, marks, AXIS)
       if update_table:
         table, rows_state = optim.row_adam_update(table, state.opt_state["rows"], row_ids,
                                                   row_grads, learning_rate=learning_rate)
@@ -211,8 +224,20 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
 
   # Donating the state lets XLA update the table and its moments in place: without it, each step
   # copies them whole, which at Alibaba size costs more than the batch's own work.
-  return jax.pmap(train_step, axis_name=AXIS, in_axes=(None, None, None, None, 0),
-                  out_axes=(None, None), devices=devices, donate_argnums=(0,))
+  if not sharded:
+    return jax.pmap(train_step, axis_name=AXIS, in_axes=(None, None, None, None, 0),
+                    out_axes=(None, None), devices=devices, donate_argnums=(0,))
+  # The sharded leaves map over their first axis ([n, L, E]); in_axes needs the state's tree.
+  mapped = {}
+
+  def sharded_step(state, *args):
+    if not mapped:
+      axes = state_lib.map_tables(lambda _: 0, jax.tree.map(lambda _: None, state))
+      mapped["step"] = jax.pmap(train_step, axis_name=AXIS, in_axes=(axes, None, None, None, 0),
+                                out_axes=(axes, None), devices=devices, donate_argnums=(0,))
+    return mapped["step"](state, *args)
+
+  return sharded_step
 
 
 def fit_set_sizes(config: ml_collections.ConfigDict, graph: graph_lib.DeviceGraph,
@@ -261,6 +286,26 @@ def replicated_sharding(devices: list[jax.Device]) -> jax.sharding.NamedSharding
   """Every one of `devices` (those of all processes) holding the whole array."""
   mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def place_state(state: state_lib.TrainState, devices: list[jax.Device],
+                layout: str = "replicated") -> state_lib.TrainState:
+  """The state as the step takes it: replicated over `devices`, except the table and moments of
+  the sharded layout, which stay the [n, L, E] blocks that `state_lib.create_train_state` or a
+  restore made on their owners.
+
+  Through the host where other processes hold some of the devices: an array on one device is
+  not placed across processes.
+  """
+  blocks = []
+  if layout == "sharded":
+    state = state_lib.map_tables(lambda x: blocks.append(x), state)  # The blocks, out.
+  state = jax.device_put(state if jax.process_count() == 1 else jax.device_get(state),
+                         replicated_sharding(devices))
+  if layout == "sharded":
+    rest = iter(blocks)
+    state = state_lib.map_tables(lambda _: next(rest), state)
+  return state
 
 
 def device_layout(devices: list[jax.Device]) -> tuple[jax.sharding.Sharding, jax.Array]:

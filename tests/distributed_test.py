@@ -126,6 +126,23 @@ def test_two_processes_train_like_one_process_of_all_devices(runs):
   assert "[0] test @ step 60" in runs["stdout"] and "[1] test @" not in runs["stdout"]
 
 
+def test_sharded_tables_over_two_processes_train_like_the_replicated_run(runs, tmp_path):
+  """Each of the 4 devices of 2 processes owns a quarter of the table and moments; the rows and
+  their gradients travel between the processes (all_to_all over gloo)."""
+  workdir = tmp_path / "sharded"
+  code, _, stderr = _finish(_launch(workdir, extra=["--config.train.embedding_layout=sharded"]))
+  assert code == 0, stderr[-3000:]
+  for step in (EVERY, NUM_STEPS):
+    # Restored whole, into the replicated layout: rows past the 900 nodes are cut.
+    sharded = _state(workdir, _config(), step)
+    # The replicated 2 × 2 run sums the same gradients in the same order.
+    _assert_close(sharded, _state(runs["2x2"], _config(), step), bound=1e-6)
+    _assert_close(sharded, _state(runs["1x4"], _config(), step))
+  written = json.loads((workdir / "eval_results.json").read_text())
+  assert written["by_protocol"] == json.loads(
+      (runs["2x2"] / "eval_results.json").read_text())["by_protocol"]
+
+
 def test_split_evaluation_equals_one_process_and_restores_on_other_topologies(runs):
   # The 2 × 2 run evaluated its final state with the test users split between its processes
   # (5 chunks of 128); one process restoring that checkpoint on 1 or 4 devices scores the same.

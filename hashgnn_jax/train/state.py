@@ -48,6 +48,18 @@ def map_tables(fn, state: TrainState) -> TrainState:
                                   "rows": rows.replace(mu=fn(rows.mu), nu=fn(rows.nu))})
 
 
+def take_tables(state: TrainState) -> tuple[TrainState, tuple]:
+  """(the state without its table and moments, (table, mu, nu))."""
+  taken = []
+  return map_tables(lambda x: taken.append(x), state), tuple(taken)
+
+
+def put_tables(state: TrainState, arrays: tuple) -> TrainState:
+  """`take_tables` undone: (table, mu, nu) put back into the state."""
+  rest = iter(arrays)
+  return map_tables(lambda _: next(rest), state)
+
+
 def with_trained(params: dict, trained: dict, *, source: str, fresh_hash_layer: bool) -> dict:
   """`params` with every parameter taken from `trained`, the hash layers too unless
   `fresh_hash_layer` (they then keep their fresh initialisation).

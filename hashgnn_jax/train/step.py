@@ -227,15 +227,19 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
   if not sharded:
     return jax.pmap(train_step, axis_name=AXIS, in_axes=(None, None, None, None, 0),
                     out_axes=(None, None), devices=devices, donate_argnums=(0,))
-  # The sharded leaves map over their first axis ([n, L, E]); in_axes needs the state's tree.
-  mapped = {}
+  # The table and moments, [n, L, E] each, map over their first axis; they travel apart from
+  # the rest of the state, so that in_axes and out_axes stay flat tuples (a dict in them is
+  # unhashable, which pmap's multi-process path needs).
+  def split_step(rest, blocks, *args):
+    state, metrics = train_step(state_lib.put_tables(rest, blocks), *args)
+    return (*state_lib.take_tables(state), metrics)
+
+  mapped = jax.pmap(split_step, axis_name=AXIS, in_axes=(None, 0, None, None, None, 0),
+                    out_axes=(None, 0, None), devices=devices, donate_argnums=(0, 1))
 
   def sharded_step(state, *args):
-    if not mapped:
-      axes = state_lib.map_tables(lambda _: 0, jax.tree.map(lambda _: None, state))
-      mapped["step"] = jax.pmap(train_step, axis_name=AXIS, in_axes=(axes, None, None, None, 0),
-                                out_axes=(axes, None), devices=devices, donate_argnums=(0,))
-    return mapped["step"](state, *args)
+    rest, blocks, metrics = mapped(*state_lib.take_tables(state), *args)
+    return state_lib.put_tables(rest, blocks), metrics
 
   return sharded_step
 
@@ -297,15 +301,12 @@ def place_state(state: state_lib.TrainState, devices: list[jax.Device],
   Through the host where other processes hold some of the devices: an array on one device is
   not placed across processes.
   """
-  blocks = []
+  blocks = ()
   if layout == "sharded":
-    state = state_lib.map_tables(lambda x: blocks.append(x), state)  # The blocks, out.
+    state, blocks = state_lib.take_tables(state)
   state = jax.device_put(state if jax.process_count() == 1 else jax.device_get(state),
                          replicated_sharding(devices))
-  if layout == "sharded":
-    rest = iter(blocks)
-    state = state_lib.map_tables(lambda _: next(rest), state)
-  return state
+  return state_lib.put_tables(state, blocks) if layout == "sharded" else state
 
 
 def device_layout(devices: list[jax.Device]) -> tuple[jax.sharding.Sharding, jax.Array]:

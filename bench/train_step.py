@@ -54,6 +54,9 @@ SHAPES = {
     "movielens": (6_040, 3_706, 1_000_209),
     "gowalla": (29_858, 40_981, 1_027_370),
     "alibaba": (601_946, 4_167_708, 28_489_957),
+    # Issue 21's memory check: 10M nodes, whose 64-d table and moments (7.7 GB) no replicated
+    # run of 8 CPU devices holds in 24 GB; only variants with /sharded fit.
+    "10m": (2_000_000, 8_000_000, 20_000_000),
 }
 QUICK_SCALE = 0.05
 

@@ -9,6 +9,8 @@ import pytest
 
 from hashgnn_jax import experiment as experiment_lib
 from hashgnn_jax.data import graph as graph_lib
+from hashgnn_jax.serving import export
+from hashgnn_jax.serving import format as format_lib
 from hashgnn_jax.train import loop as train
 from hashgnn_jax.train import state as state_lib
 from hashgnn_jax.train import tables
@@ -142,6 +144,12 @@ def test_sharded_run_resumes_restores_across_layouts_and_evaluates_like_replicat
     _assert_same(expected, _whole(exp, restored), rtol=1e-6, atol=1e-7)
   record = experiment_lib.evaluate_checkpoint(_config(**steps), str(tmp_path / "sharded"))
   assert record["by_protocol"] == straight["by_protocol"]
+  # Export from the sharded layout's own config: the replicated run's codes.
+  exports = [format_lib.read_export(export.export_checkpoint(config, str(tmp_path / name)))[2]
+             for config, name in ((sharded_config, "sharded"), (_config(**steps), "replicated"))]
+  assert exports[0].keys() == exports[1].keys()
+  for name in exports[0]:
+    np.testing.assert_array_equal(exports[0][name], exports[1][name], err_msg=name)
 
 
 def _restore(exp, workdir):

@@ -4,9 +4,9 @@
       [--users=4096] [--repeats=5] [--quick] [--out=block_size.json]
 
 `retrieval._MAX_BLOCK_SIZE` caps the automatic block size per platform: 64 on CPU, 128 elsewhere,
-from one H200 (docs/experiments.md, "On a GPU"), where blocks of 64 made XLA split the K = 64 key pass
-into six kernels. This script times one `ItemIndex.search` call of --users users per block size
-and mode at a Table 4 shape (random codes, as bench/retrieval.py makes them), so a new card or
+from one H200 (docs/experiments.md, "On a GPU"), where blocks of 64 made XLA split the K = 64 key
+pass into six kernels. This script times one `ItemIndex.search` call of --users users per block
+size and mode at a Table 4 shape (random codes, as bench/retrieval.py makes them), so a new card or
 a new XLA can be checked in a minute. Every block size must return the same ids (the search is
 exact whatever the blocks); the check is printed with the table. A case that fails on the device
 (out of memory, say) is reported as an error and the others go on. --quick: 1/16 of the items and
@@ -14,6 +14,7 @@ exact whatever the blocks); the check is printed with the table. A case that fai
 """
 
 import argparse
+import functools
 import json
 import pathlib
 import time
@@ -64,8 +65,8 @@ def main():
       index = retrieval.ItemIndex(item_z, tie_seed=0, block_size=block_size)
       for mode, num_candidates in MODES:
         name = retrieval_bench.method_name(mode, num_candidates)
-        search = lambda: index.search(user_z, mode=mode, num_results=100,  # noqa: E731
-                                      num_candidates=num_candidates)
+        search = functools.partial(index.search, user_z, mode=mode, num_results=100,
+                                   num_candidates=num_candidates)
         try:
           seconds, (ids, _) = median_seconds(search, args.repeats)
         except jax.errors.JaxRuntimeError as error:

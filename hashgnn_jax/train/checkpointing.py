@@ -143,11 +143,14 @@ class Checkpointer:
     the table and moments, each at least the graph's node count: the one difference that
     padding or cutting rows mends. Raises ConfigMismatchError naming the leaves where other
     shapes differ (the run's settings do); another tree restores strictly and fails there."""
+    reader = ocp.StandardCheckpointer()
     try:
-      saved = _shapes(ocp.StandardCheckpointer().metadata(
+      saved = _shapes(reader.metadata(
           os.path.join(self.directory, str(step), "state")).item_metadata.tree)
     except Exception:  # pylint: disable=broad-except
       return False  # Unreadable metadata: the strict restore says what is wrong.
+    finally:
+      reader.close()  # Its async machinery, started for this one read.
     target = _shapes(abstract_state)
     if saved.keys() != target.keys():
       return False

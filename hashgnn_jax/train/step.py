@@ -63,7 +63,6 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
   rowwise = config.train.embedding_update == "rowwise"
   # The sharded layout: each device's block of the table and moments, [L, E] inside the step.
   sharded = config.train.embedding_layout == "sharded"
-  block_rows = tables.RowSharding(tuple(devices), model.num_nodes).rows_per_device
   learning_rate = schedules.create_learning_rate(
       config.train, schedules.total_steps(config.train, per_epoch))
 
@@ -182,6 +181,7 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
           has_aux=True)(dense, rows)
       if sharded:
         # `complete` is the same on every device, so owners may drop a trimmed step's requests.
+        block_rows = table.shape[0]
         asked = jnp.where(complete, asked, block_rows)
         row_ids, row_grads, marks = tables.owned_gradients(asked, row_grads, block_rows, marks,
                                                            AXIS)

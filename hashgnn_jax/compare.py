@@ -6,7 +6,8 @@ r"""Trains several variants under one budget and writes the paper's Table 2 and 
       --studies=guidance,bits --config.eval.cutoffs='(10,50)'   # Fig. 7 (fixed p), Fig. 5c (K)
 
 Each run is a subprocess of the training CLI,
-`python -m hashgnn_jax.main --config=FILE:VARIANT --workdir=OUT/runs/NAME OVERRIDES`, where
+`python -m hashgnn_jax.main --config=FILE:VARIANT --workdir=OUT/runs/NAME OVERRIDES` (with
+`--config=FILE:MODIFIERS`, as configs/alibaba.py:synthetic, FILE:MODIFIERS,VARIANT), where
 OVERRIDES are, in order: the runner's evaluation settings (`runner_overrides`, dropped for a key
 the user sets), the user's `--config.*` arguments verbatim, then the run's own (a study's
 setting, or `train.init_from` for a staged variant). config_flags applies them after
@@ -224,8 +225,14 @@ def plan_runs(variants, user_overrides, studies, out_dir: str,
 
 def run_command(run: Run, config_file: str, out_dir: str) -> list[str]:
   """The training subprocess of a run."""
-  return [sys.executable, "-m", "hashgnn_jax.main", f"--config={config_file}:{run.variant}",
+  return [sys.executable, "-m", "hashgnn_jax.main",
+          f"--config={_with_variant(config_file, run.variant)}",
           f"--workdir={run_dir(out_dir, run.name)}", *run.overrides]
+
+
+def _with_variant(config_file: str, variant: str) -> str:
+  """FILE:VARIANT, or FILE:MODIFIERS,VARIANT for a `config_file` given as FILE:MODIFIERS."""
+  return f"{config_file},{variant}" if ":" in config_file else f"{config_file}:{variant}"
 
 
 def resolve_config(config_file: str, variant: str, overrides):
@@ -234,7 +241,7 @@ def resolve_config(config_file: str, variant: str, overrides):
   Raises an AttributeError naming a key the schema lacks, absl's flags.Error naming a value of
   the wrong type.
   """
-  argv = ["hashgnn_jax.compare", f"--config={config_file}:{variant}", *overrides]
+  argv = ["hashgnn_jax.compare", f"--config={_with_variant(config_file, variant)}", *overrides]
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, flag_values=flag_values, lock_config=True,
                                   sys_argv=argv)
@@ -584,10 +591,9 @@ def _save_figure(fig, path: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # FILE:MODIFIERS (configs/alibaba.py:synthetic) keeps the file's own modifiers in every run,
+  # as FILE:MODIFIERS,VARIANT; only a file whose get_config reads such a list accepts them.
   config_file = FLAGS["config"].config_filename
-  if ":" in config_file:
-    raise app.UsageError(f"--config={config_file}: give the file alone and the variants with "
-                         "--variants.")
   user_overrides = extract_overrides(FLAGS.read_flags_from_files(sys.argv[1:], force_gnu=False),
                                      FLAGS)
   out_dir = os.path.abspath(_OUT.value)

@@ -126,6 +126,19 @@ def test_overrides_are_taken_verbatim_from_the_command_line():
     compare.resolve_config(TEST_CONFIG, "paper", ["--config.train.bogus=1"])
 
 
+def test_config_file_modifiers_reach_every_run():
+  # configs/alibaba.py:synthetic swaps the data for the generated graph; each run keeps it.
+  run = compare.plan_runs(["hash_ste"], [], [], "/out")[0]
+  command = compare.run_command(run, "configs/alibaba.py:synthetic", "/out")
+  assert "--config=configs/alibaba.py:synthetic,hash_ste" in command
+  config = compare.resolve_config("configs/alibaba.py:synthetic", "hash_ste", run.overrides)
+  assert config.data.kind == "synthetic" and config.guidance.init == 0.0
+  assert compare.resolve_config("configs/alibaba.py", "hash_ste", ()).data.kind == "alibaba"
+  # A file whose get_config takes one variant says which name it does not know.
+  with pytest.raises((ValueError, flags.Error), match="synthetic"):
+    compare.resolve_config(TEST_CONFIG + ":synthetic", "graphsage", ())
+
+
 # The run loop, with stand-in commands instead of training.
 
 

@@ -182,6 +182,9 @@ def default_config() -> ml_collections.ConfigDict:
   # rowwise: lazy Adam on the embedding rows a step touches, so a step's cost does not grow with
   # the catalogue (optim.py has the semantics); dense: optax Adam over the whole table.
   config.train.embedding_update = "rowwise"
+  # rowwise only: AdamW's decoupled decay on the embedding rows a step trains (lazy: rows not
+  # touched do not decay), lr · this · row added to each of their updates.
+  config.train.embedding_weight_decay = 0.0
   # replicated: every device holds the whole table and both moments; sharded: each of the n
   # devices (all processes') owns 1/n of their rows and serves them to the others in the step
   # (train/tables.py; row-wise updates only). README has the rule of thumb.
@@ -461,6 +464,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice(config.sampler.mode, SAMPLER_MODES, "sampler.mode")
   _check_choice(config.train.embedding_update, EMBEDDING_UPDATES, "train.embedding_update")
   _check_choice(config.train.embedding_layout, EMBEDDING_LAYOUTS, "train.embedding_layout")
+  if config.train.embedding_weight_decay < 0:
+    raise ValueError(f"config.train.embedding_weight_decay={config.train.embedding_weight_decay}"
+                     ": expected >= 0.")
+  if config.train.embedding_weight_decay and config.train.embedding_update != "rowwise":
+    raise ValueError("config.train.embedding_weight_decay needs "
+                     "config.train.embedding_update='rowwise' (the row-wise update applies it), "
+                     f"not {config.train.embedding_update!r}.")
   if config.train.embedding_layout == "sharded" and config.train.embedding_update != "rowwise":
     raise ValueError("config.train.embedding_layout='sharded' needs "
                      "config.train.embedding_update='rowwise' (dense Adam reads the whole table "

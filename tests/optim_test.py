@@ -14,8 +14,9 @@ from hashgnn_jax.train import optim
 LR = 0.05
 
 
-def _dense_adam_steps(table, grads_per_step, learning_rate=LR):
-  tx = optax.adam(learning_rate)
+def _dense_adam_steps(table, grads_per_step, learning_rate=LR, weight_decay=0.0):
+  tx = optax.adamw(learning_rate, weight_decay=weight_decay) if weight_decay else optax.adam(
+      learning_rate)
   state = tx.init(table)
   for grads in grads_per_step:
     updates, state = tx.update(grads, state, table)
@@ -37,6 +38,29 @@ def test_every_row_touched_equals_dense_adam(streaming):
                                         streaming=streaming)
   np.testing.assert_allclose(rows, _dense_adam_steps(table, grads), rtol=1e-6, atol=1e-7)
   assert int(state.count) == 4
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_weight_decay_equals_adamw_and_spares_untouched_rows(streaming):
+  rng = np.random.default_rng(5)
+  table = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+  grads = [jnp.asarray(rng.normal(size=(6, 3)), jnp.float32) for _ in range(3)]
+  update = functools.partial(optim.row_adam_update, learning_rate=LR, weight_decay=0.3,
+                             streaming=streaming)
+  rows, state = table, optim.row_adam_init(table)
+  for g in grads:
+    rows, state = update(rows, state, jnp.arange(6), g)
+  np.testing.assert_allclose(rows, _dense_adam_steps(table, grads, weight_decay=0.3),
+                             rtol=1e-6, atol=1e-7)
+  assert not np.allclose(rows, _dense_adam_steps(table, grads), rtol=1e-4)
+  # Lazy: a row no step touches keeps its value (dense AdamW would shrink it every step).
+  ids = jnp.array([0, 3, 6])  # 6 = R: a padding slot.
+  after, _ = update(table, optim.row_adam_init(table), ids, grads[0][jnp.array([0, 3, 0])])
+  untouched = np.array([1, 2, 4, 5])
+  np.testing.assert_array_equal(after[untouched], table[untouched])
+  reference = _dense_adam_steps(table[jnp.array([0, 3])], [grads[0][jnp.array([0, 3])]],
+                                weight_decay=0.3)
+  np.testing.assert_allclose(after[jnp.array([0, 3])], reference, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("streaming", [False, True])

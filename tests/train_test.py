@@ -212,6 +212,26 @@ def test_learned_temperature_trains_and_stays_positive():
   assert "log_temperature" not in fixed.initial_state().params
 
 
+@pytest.mark.parametrize("layout", ["replicated", "sharded"])
+def test_embedding_weight_decay_shrinks_exactly_the_trained_rows(layout):
+  # From one state the Adam part of a step is the same with and without decay, so their tables
+  # differ by lr · wd · row on the rows the step trained and not at all elsewhere.
+  lr, wd = 0.01, 0.5
+  tables = {}
+  for decay in (0.0, wd):
+    exp = experiment_lib.Experiment(_config(train__learning_rate=lr, train__num_devices=2,
+                                            train__embedding_weight_decay=decay,
+                                            train__embedding_layout=layout))
+    state, _, _ = _run_steps(exp, exp.devices, 1)
+    tables[decay] = np.asarray(exp.whole_params(state.params)["embedding"]["embedding"])
+  start = np.asarray(exp.whole_params(exp.initial_state().params)["embedding"]["embedding"])
+  trained = np.any(tables[0.0] != start, axis=1)
+  assert 0 < trained.sum() < len(start)
+  np.testing.assert_allclose(tables[wd][trained] - tables[0.0][trained],
+                             -lr * wd * start[trained], rtol=1e-4, atol=1e-8)
+  np.testing.assert_array_equal(tables[wd][~trained], start[~trained])
+
+
 def test_batch_size_must_divide_by_devices(experiment):
   config = _config(train__batch_size=130)
   with pytest.raises(ValueError, match=r"batch_size=130 must be divisible .* devices \(4\)"):
@@ -426,7 +446,11 @@ def test_invalid_config_values_name_the_key():
   config = _config(sampler__trim_sets="yes")
   with pytest.raises(ValueError, match=r"config\.sampler\.trim_sets='yes'"):
     experiment_lib.Experiment(config)
-  for key, value in (("lr_schedule", "step"), ("lr_end_fraction", 1.5), ("warmup_steps", -1)):
+  with pytest.raises(ValueError, match=r"config\.train\.embedding_weight_decay needs .*rowwise"):
+    experiment_lib.Experiment(_config(train__embedding_weight_decay=0.1,
+                                      train__embedding_update="dense"))
+  for key, value in (("lr_schedule", "step"), ("lr_end_fraction", 1.5), ("warmup_steps", -1),
+                     ("embedding_weight_decay", -0.1)):
     config = _config()
     config.train[key] = value
     with pytest.raises(ValueError, match=rf"config\.train\.{key}="):

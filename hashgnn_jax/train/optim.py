@@ -107,12 +107,15 @@ def _in_id_order(ids: jax.Array, grads: jax.Array, num_rows: int) -> tuple[jax.A
 
 def row_adam_update(table: jax.Array, state: RowAdamState, ids: jax.Array, grads: jax.Array, *,
                     learning_rate: float | optax.Schedule, b1: float = 0.9, b2: float = 0.999,
-                    eps: float = 1e-8, streaming: bool | None = None
-                    ) -> tuple[jax.Array, RowAdamState]:
+                    eps: float = 1e-8, weight_decay: float = 0.0,
+                    streaming: bool | None = None) -> tuple[jax.Array, RowAdamState]:
   """Applies one lazy Adam step to rows `ids` [G] (distinct; `num_rows` = padding) of table [R, D].
 
   The defaults are optax.adam's; a schedule is called with the count of earlier updates, as
-  optax.adam calls it, so both follow one lr(t) in step. Two implementations of the same update:
+  optax.adam calls it, so both follow one lr(t) in step. weight_decay > 0 is optax.adamw's
+  decoupled decay (lr · weight_decay · row added to the step), lazily: only the touched rows
+  decay, so a row's shrinkage follows how often it is trained, not the step count. Two
+  implementations of the same update:
   - gathered: read the G rows of the table and both moments, update, write them back, in id order
     (`_in_id_order`); O(G) (and O(R / 32) cheap work), but each access is a random row (~3-6 ns
     per element on CPU, against ~0.3 when sequential);
@@ -132,7 +135,10 @@ def row_adam_update(table: jax.Array, state: RowAdamState, ids: jax.Array, grads
     nu = b2 * nu + (1 - b2) * grads * grads
     mu_hat = mu / (1 - b1**t)
     nu_hat = nu / (1 - b2**t)
-    return rows - learning_rate * mu_hat / (jnp.sqrt(nu_hat) + eps), mu, nu
+    step = mu_hat / (jnp.sqrt(nu_hat) + eps)
+    if weight_decay:
+      step = step + weight_decay * rows
+    return rows - learning_rate * step, mu, nu
 
   if streaming is None:
     streaming = ids.shape[0] >= table.shape[0] * STREAMING_SHARE

@@ -188,8 +188,9 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
       else:
         row_ids, row_grads, marks = optim.combine_row_grads(row_ids, row_grads, marks, AXIS)
       if update_table:
-        table, rows_state = optim.row_adam_update(table, state.opt_state["rows"], row_ids,
-                                                  row_grads, learning_rate=learning_rate)
+        table, rows_state = optim.row_adam_update(
+            table, state.opt_state["rows"], row_ids, row_grads, learning_rate=learning_rate,
+            weight_decay=config.train.embedding_weight_decay)
       else:  # A frozen encoder: the table and its moments stay as they are.
         rows_state = state.opt_state["rows"]
     else:

@@ -171,6 +171,10 @@ def default_config() -> ml_collections.ConfigDict:
   # A softmax of each user's positive against every positive of the (global) batch, scored like
   # the main term; more negatives per step at the cost of a [b, B] score matrix.
   config.loss.inbatch_weight = 0.0
+  # Mixed negatives: each example's first so many uniform negatives (of sampler.num_negatives)
+  # join the softmax's candidates, every candidate's logit then corrected by the log of its
+  # expected count in the mixed set, log(d_j / E + m / I); 0: the positives alone (log d_j).
+  config.loss.inbatch_negatives = 0
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 256  # Positive edges per step, across all devices.
@@ -461,6 +465,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
               "decorr_weight"):
     if config.loss[key] < 0:
       raise ValueError(f"config.loss.{key}={config.loss[key]} must be >= 0.")
+  if not 0 <= config.loss.inbatch_negatives <= config.sampler.num_negatives:
+    raise ValueError(f"config.loss.inbatch_negatives={config.loss.inbatch_negatives}: expected "
+                     f"0..config.sampler.num_negatives={config.sampler.num_negatives}.")
+  if config.loss.inbatch_negatives and not config.loss.inbatch_weight:
+    raise ValueError(f"config.loss.inbatch_negatives={config.loss.inbatch_negatives} needs "
+                     "config.loss.inbatch_weight > 0 (the softmax they join).")
   _check_choice(config.sampler.mode, SAMPLER_MODES, "sampler.mode")
   _check_choice(config.train.embedding_update, EMBEDDING_UPDATES, "train.embedding_update")
   _check_choice(config.train.embedding_layout, EMBEDDING_LAYOUTS, "train.embedding_layout")

@@ -105,12 +105,14 @@ def test_lightgcn_four_devices_match_one_device(mode):
   assert not np.allclose(one_state.params["embedding"]["embedding"], initial)
 
 
-def test_code_terms_four_devices_match_one_device():
-  """The in-batch softmax (over every device's positives), the binary term and the z terms."""
+@pytest.mark.parametrize("mixed", [0, 2])
+def test_code_terms_four_devices_match_one_device(mixed):
+  """The in-batch softmax (over every device's positives, and with `mixed` > 0 their uniform
+  negatives too), the binary term and the z terms."""
   exp = experiment_lib.Experiment(_config(
       loss__inbatch_weight=1.0, loss__binary_weight=0.5, loss__quant_weight=0.1,
       loss__balance_weight=0.1, loss__decorr_weight=0.1, loss__logit_scale="cosine",
-      loss__temperature=5.0, loss__learn_temperature=True))
+      loss__temperature=5.0, loss__learn_temperature=True, loss__inbatch_negatives=mixed))
   one_state, one_metrics, _ = _run_steps(exp, jax.local_devices()[:1], 2)
   four_state, four_metrics, _ = _run_steps(exp, jax.local_devices()[:4], 2)
   assert {"inbatch_loss", "binary_loss", "quant_loss", "temperature"} <= set(one_metrics)
@@ -446,6 +448,13 @@ def test_invalid_config_values_name_the_key():
   config = _config(sampler__trim_sets="yes")
   with pytest.raises(ValueError, match=r"config\.sampler\.trim_sets='yes'"):
     experiment_lib.Experiment(config)
+  with pytest.raises(ValueError, match=r"config\.loss\.inbatch_negatives=9: expected "
+                                       r"0\.\.config\.sampler\.num_negatives=5"):
+    experiment_lib.Experiment(_config(loss__inbatch_weight=1.0, loss__inbatch_negatives=9,
+                                      sampler__num_negatives=5))
+  with pytest.raises(ValueError, match=r"config\.loss\.inbatch_negatives=1 needs "
+                                       r"config\.loss\.inbatch_weight"):
+    experiment_lib.Experiment(_config(loss__inbatch_weight=0.0, loss__inbatch_negatives=1))
   with pytest.raises(ValueError, match=r"config\.train\.embedding_weight_decay needs .*rowwise"):
     experiment_lib.Experiment(_config(train__embedding_weight_decay=0.1,
                                       train__embedding_update="dense"))

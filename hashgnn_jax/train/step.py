@@ -58,6 +58,7 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
   tau = schedules.create_temperature_schedule(config.hash)
   update_table = config.train.trainable == "all"
   inbatch = bool(config.loss.inbatch_weight)
+  mixed = config.loss.inbatch_negatives  # m: uniform negatives per example in the softmax.
 
   node_mode = config.sampler.mode == "node"
   rowwise = config.train.embedding_update == "rowwise"
@@ -129,8 +130,9 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
     batch_start = (state.step % per_epoch) * batch_size  # Of the global batch in the epoch.
     edge_ids = edge_order[batch_start + within]
     sample_key, guide_key = jax.random.split(jax.random.fold_in(rng, state.step))
-    batch, row_ids, row_valid, marks = sample(
-        graph, edge_ids, sampler.example_keys(sample_key, within), sample_key, state.node_marks)
+    example_keys = sampler.example_keys(sample_key, within)
+    batch, row_ids, row_valid, marks = sample(graph, edge_ids, example_keys, sample_key,
+                                              state.node_marks)
     degrees = sample_degrees(graph, batch)
     p = schedule(state.step)
     collides = log_q = None
@@ -138,9 +140,25 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
       # Every device reads the whole global batch's positive items (cheap: B ids).
       _, items = sampler.edge_endpoints(
           graph, edge_order[batch_start + jnp.arange(batch_size, dtype=jnp.int32)])  # [B]
-      collides = ((items[within][:, None] == items[None, :])
+      own = items[within]  # [b]
+      collides = ((own[:, None] == items[None, :])
                   & (within[:, None] != jnp.arange(batch_size)[None, :]))  # [b, B]
-      log_q = jnp.log(graph_lib.node_degrees(graph, items).astype(jnp.float32))
+      degrees_q = graph_lib.node_degrees(graph, items).astype(jnp.float32)  # [B]
+      if not mixed:
+        log_q = jnp.log(degrees_q)
+      else:
+        # The same draw as the sample's (XLA computes it once): each example's first m
+        # negatives, every device's, in global-batch order.
+        roots, _ = sampler.batch_roots(graph, edge_ids, example_keys, num_negatives)
+        negatives = jax.lax.all_gather(roots[:, 2:2 + mixed].reshape(-1), AXIS,
+                                       tiled=True)  # [B·m]
+        collides = jnp.concatenate([collides, own[:, None] == negatives[None, :]], axis=1)
+        # Expected count of each candidate's item in the mixed set, over B: B positives drawn
+        # by degree (d / E) and B·m uniformly over the I items (m / I).
+        num_edges = graph.indptr[graph.num_users].astype(jnp.float32)
+        degrees_q = jnp.concatenate(
+            [degrees_q, graph_lib.node_degrees(graph, negatives).astype(jnp.float32)])
+        log_q = jnp.log(degrees_q / num_edges + mixed / graph.num_items)  # [B + B·m]
     keep = sampler.draw_keep_continuous(jax.random.bits(guide_key, (), jnp.uint32), within, p,
                                         num_negatives=num_negatives, width=width,
                                         share_positive=share)
@@ -154,7 +172,17 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
       batch_items = None
       if inbatch:
         # Differentiable: all_gather's transpose sums each device's share of the cotangent back.
-        gather = lambda x: jax.lax.all_gather(x[local:2 * local], AXIS, tiled=True)  # [B, K]
+        def gather(x):  # [B (+ B·m), K]: the positives' codes (and the mixed negatives').
+          rows = x[local:2 * local]
+          if mixed:
+            negatives = x[2 * local:].reshape(local, num_negatives, -1)[:, :mixed]
+            rows = jnp.concatenate([rows, negatives.reshape(local * mixed, -1)])
+          gathered = jax.lax.all_gather(rows, AXIS)  # [n, b (+ b·m), K]
+          if not mixed:
+            return gathered.reshape(-1, x.shape[-1])
+          # Global-batch order: every device's positives, then every device's negatives.
+          return jnp.concatenate([gathered[:, :local].reshape(-1, x.shape[-1]),
+                                  gathered[:, local:].reshape(-1, x.shape[-1])])
         batch_items = losses.BatchItems(gather(h), within[0], collides, log_q,
                                         gather(z) if config.loss.binary_weight else None)
       loss, parts = losses.hashgnn_loss(h, local, config.loss, model.hash_bits, z, temperature,

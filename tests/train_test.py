@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -121,6 +122,19 @@ def test_code_terms_four_devices_match_one_device(mixed):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                one_state.params, four_state.params)
   assert float(one_metrics["inbatch_loss"]) > 0
+
+
+@pytest.mark.parametrize("mixed", [0, 1, 3])
+def test_softmax_candidates_come_in_global_batch_order(mixed):
+  # 3 devices, b = 2 examples each with T = 3 negatives; row r of device d codes (d, r).
+  n, b, t = 3, 2, 3
+  codes = np.stack([np.stack([[d, r] for r in range(b * (2 + t))]) for d in range(n)])
+  gathered = jax.vmap(lambda c: step_lib.gather_candidates(c, b, t, mixed, "dev"),
+                      axis_name="dev")(jnp.asarray(codes, jnp.float32))
+  positives = [[d, b + k] for d in range(n) for k in range(b)]
+  negatives = [[d, 2 * b + k * t + j] for d in range(n) for k in range(b) for j in range(mixed)]
+  for device in range(n):  # Every device sees the same candidates.
+    np.testing.assert_array_equal(gathered[device], np.asarray(positives + negatives))
 
 
 @pytest.mark.parametrize("update", ["rowwise", "dense"])

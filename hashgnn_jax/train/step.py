@@ -3,6 +3,8 @@
 `make_stepper` wraps it with the trimmed-set fallback the training loop calls.
 """
 
+import functools
+
 from absl import logging
 import jax
 import jax.numpy as jnp
@@ -172,17 +174,8 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
       batch_items = None
       if inbatch:
         # Differentiable: all_gather's transpose sums each device's share of the cotangent back.
-        def gather(x):  # [B (+ B·m), K]: the positives' codes (and the mixed negatives').
-          rows = x[local:2 * local]
-          if mixed:
-            negatives = x[2 * local:].reshape(local, num_negatives, -1)[:, :mixed]
-            rows = jnp.concatenate([rows, negatives.reshape(local * mixed, -1)])
-          gathered = jax.lax.all_gather(rows, AXIS)  # [n, b (+ b·m), K]
-          if not mixed:
-            return gathered.reshape(-1, x.shape[-1])
-          # Global-batch order: every device's positives, then every device's negatives.
-          return jnp.concatenate([gathered[:, :local].reshape(-1, x.shape[-1]),
-                                  gathered[:, local:].reshape(-1, x.shape[-1])])
+        gather = functools.partial(gather_candidates, num_examples=local,
+                                   num_negatives=num_negatives, mixed=mixed)
         batch_items = losses.BatchItems(gather(h), within[0], collides, log_q,
                                         gather(z) if config.loss.binary_weight else None)
       loss, parts = losses.hashgnn_loss(h, local, config.loss, model.hash_bits, z, temperature,
@@ -271,6 +264,25 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
     return state_lib.put_tables(rest, blocks), metrics
 
   return sharded_step
+
+
+def gather_candidates(codes: jax.Array, num_examples: int, num_negatives: int, mixed: int,
+                      axis_name: str = AXIS) -> jax.Array:
+  """The in-batch softmax's candidates from every device's targets: [B (+ B·m), K].
+
+  codes [b·(2+T), K] are this device's targets (`sampler` layout). Rows come in global-batch
+  order: every device's positives, then (mixed = m > 0) every device's examples' first m
+  negatives, example-major. Differentiable: all_gather's transpose sums each device's share of
+  the cotangent back.
+  """
+  b, width = num_examples, codes.shape[-1]
+  rows = codes[b:2 * b]
+  if mixed:
+    negatives = codes[2 * b:].reshape(b, num_negatives, width)[:, :mixed]
+    rows = jnp.concatenate([rows, negatives.reshape(b * mixed, width)])
+  gathered = jax.lax.all_gather(rows, axis_name)  # [n, b (+ b·m), K]
+  return jnp.concatenate([gathered[:, :b].reshape(-1, width),
+                          gathered[:, b:].reshape(-1, width)])
 
 
 def fit_set_sizes(config: ml_collections.ConfigDict, graph: graph_lib.DeviceGraph,

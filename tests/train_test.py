@@ -15,7 +15,9 @@ import pytest
 
 from hashgnn_jax.data import graph as graph_lib
 from hashgnn_jax import experiment as experiment_lib
+from hashgnn_jax.model import encode
 from hashgnn_jax.model import losses
+from hashgnn_jax.serving import export
 from hashgnn_jax.train import checkpointing
 from hashgnn_jax.train import loop as train
 from hashgnn_jax.train import optim
@@ -350,6 +352,32 @@ def test_eval_mode_reproduces_final_metrics(trained_run):
   assert again["metrics"] == record["metrics"]
   with pytest.raises(FileNotFoundError, match="No checkpoint for step 7"):
     experiment_lib.evaluate_checkpoint(_config(), workdir, step=7)
+
+
+@pytest.mark.parametrize("bits", [64, 128])
+def test_long_codes_train_checkpoint_evaluate_and_export(tmp_path, bits):
+  # K = 64 and 128: two and four uint32 words per code, end to end.
+  config = _config(model__hash_bits=bits, train__num_steps=100, train__num_devices=1,
+                   checkpoint__every_steps=50)
+  workdir = str(tmp_path)
+  record = train.train_and_evaluate(config, workdir)
+  assert record["bits"] == bits and record["step"] == 100
+  assert all(0 <= v <= 1 for m in record["metrics"].values() for v in m.values())
+  again = experiment_lib.evaluate_checkpoint(config, workdir)
+  assert again["metrics"] == record["metrics"]
+  path = export.export_checkpoint(config, workdir)
+  manifest = json.loads(pathlib.Path(path, "manifest.json").read_text())
+  assert (manifest["bits"], manifest["words"]) == (bits, bits // 32)
+  exp = experiment_lib.Experiment(config)
+  params, _ = experiment_lib.restore_params(exp, workdir, None, "latest")
+  node_z = np.asarray(encode.encode_nodes(exp.model, params, exp.graph,
+                                          edge_chunk=config.eval.edge_chunk))
+  users = np.load(os.path.join(path, "user_codes.npy"))
+  assert users.shape == (exp.graph.num_users, bits // 32) and users.dtype == np.uint32
+  # Bit j of word w is code bit 32 w + j, set where z >= 0: unpacked with NumPy shifts.
+  unpacked = (users[:, :, None] >> np.arange(32, dtype=np.uint32)) & 1  # [U, W, 32]
+  np.testing.assert_array_equal(unpacked.reshape(len(users), bits).astype(bool),
+                                node_z[:exp.graph.num_users] >= 0)
 
 
 def _final_params(workdir, exp):

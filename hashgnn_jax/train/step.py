@@ -149,8 +149,8 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
       if not mixed:
         log_q = jnp.log(degrees_q)
       else:
-        # The same draw as the sample's (XLA computes it once): each example's first m
-        # negatives, every device's, in global-batch order.
+        # The sample's own negatives (the same keys give the same draw): each example's first
+        # m, every device's, in global-batch order.
         roots, _ = sampler.batch_roots(graph, edge_ids, example_keys, num_negatives)
         negatives = jax.lax.all_gather(roots[:, 2:2 + mixed].reshape(-1), AXIS,
                                        tiled=True)  # [B·m]
@@ -173,7 +173,6 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
         temperature = model.apply({"params": params}, method=model_lib.HashGNN.temperature)
       batch_items = None
       if inbatch:
-        # Differentiable: all_gather's transpose sums each device's share of the cotangent back.
         gather = functools.partial(gather_candidates, num_examples=local,
                                    num_negatives=num_negatives, mixed=mixed)
         batch_items = losses.BatchItems(gather(h), within[0], collides, log_q,

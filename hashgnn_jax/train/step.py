@@ -89,14 +89,23 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
   # HashNet and Gumbel codes are made from the logits a; the others from the model's own z.
   from_logits = method in ("continuation", "gumbel")
 
+  def sampled_nodes(batch):
+    """The sample's node ids: node mode's deepest set, or tree mode's trees, whose first
+    b·(2+T) entries are the targets."""
+    if node_mode:
+      return batch.nodes
+    return (batch[0] if rowwise else batch).nodes  # Row-wise tree batches are (trees, slots).
+
+  def target_ids(batch):
+    """The targets' node ids [b·(2+T)], in the `sampler` layout."""
+    nodes = sampled_nodes(batch)
+    return nodes[batch.targets] if node_mode else nodes[:num_targets]
+
   def sample_degrees(graph, batch):
     """The sampled nodes' degrees in the graph, which lightgcn's layers read (None otherwise)."""
     if not model.lightgcn_layers:
       return None
-    if node_mode:
-      return graph_lib.node_degrees(graph, batch.nodes)
-    trees = batch[0] if rowwise else batch  # Row-wise tree batches are (trees, slots).
-    return graph_lib.node_degrees(graph, trees.nodes)
+    return graph_lib.node_degrees(graph, sampled_nodes(batch))
 
   def codes(params, batch, rows, degrees):
     """z (or a) [b·(2+T), K] of the batch's targets; rows [S, E] are the touched rows."""
@@ -132,9 +141,8 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
     batch_start = (state.step % per_epoch) * batch_size  # Of the global batch in the epoch.
     edge_ids = edge_order[batch_start + within]
     sample_key, guide_key = jax.random.split(jax.random.fold_in(rng, state.step))
-    example_keys = sampler.example_keys(sample_key, within)
-    batch, row_ids, row_valid, marks = sample(graph, edge_ids, example_keys, sample_key,
-                                              state.node_marks)
+    batch, row_ids, row_valid, marks = sample(
+        graph, edge_ids, sampler.example_keys(sample_key, within), sample_key, state.node_marks)
     degrees = sample_degrees(graph, batch)
     p = schedule(state.step)
     collides = log_q = None
@@ -149,11 +157,10 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
       if not mixed:
         log_q = jnp.log(degrees_q)
       else:
-        # The sample's own negatives (the same keys give the same draw): each example's first
-        # m, every device's, in global-batch order.
-        roots, _ = sampler.batch_roots(graph, edge_ids, example_keys, num_negatives)
-        negatives = jax.lax.all_gather(roots[:, 2:2 + mixed].reshape(-1), AXIS,
-                                       tiled=True)  # [B·m]
+        # The sample's own negatives: each example's first m, every device's, in global-batch
+        # order.
+        own_negatives = target_ids(batch)[2 * local:].reshape(local, num_negatives)[:, :mixed]
+        negatives = jax.lax.all_gather(own_negatives.reshape(-1), AXIS, tiled=True)  # [B·m]
         collides = jnp.concatenate([collides, own[:, None] == negatives[None, :]], axis=1)
         # Expected count of each candidate's item in the mixed set, over B: B positives drawn
         # by degree (d / E) and B·m uniformly over the I items (m / I).

@@ -477,14 +477,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.train.embedding_weight_decay < 0:
     raise ValueError(f"config.train.embedding_weight_decay={config.train.embedding_weight_decay}"
                      ": expected >= 0.")
-  if config.train.embedding_weight_decay and config.train.embedding_update != "rowwise":
-    raise ValueError("config.train.embedding_weight_decay needs "
-                     "config.train.embedding_update='rowwise' (the row-wise update applies it), "
-                     f"not {config.train.embedding_update!r}.")
-  if config.train.embedding_layout == "sharded" and config.train.embedding_update != "rowwise":
-    raise ValueError("config.train.embedding_layout='sharded' needs "
-                     "config.train.embedding_update='rowwise' (dense Adam reads the whole table "
-                     f"each step), not {config.train.embedding_update!r}.")
+  # Settings only the row-wise update implements, each with why.
+  needs_rowwise = (
+      (config.train.embedding_weight_decay, "train.embedding_weight_decay",
+       "the row-wise update applies it"),
+      (config.train.embedding_layout == "sharded", "train.embedding_layout='sharded'",
+       "dense Adam reads the whole table each step"))
+  for active, setting, why in needs_rowwise:
+    if active and config.train.embedding_update != "rowwise":
+      raise ValueError(f"config.{setting} needs config.train.embedding_update='rowwise' ({why}), "
+                       f"not {config.train.embedding_update!r}.")
   _check_choice(config.train.lr_schedule, LR_SCHEDULES, "train.lr_schedule")
   if not 0.0 <= config.train.lr_end_fraction <= 1.0:
     raise ValueError(

@@ -17,9 +17,9 @@ over 127.0.0.1 (jax.distributed with gloo, host CPU devices), the same devices i
 among them: against one process of the same devices, the step's extra time is what its
 collectives cost across processes, which the run also times alone (`collective_ms`: the step's
 all-gather of touched rows and their gradients and its pmean of the dense gradients, at the
-step's shapes). `--host-memory=reuse,default`
-also runs each with glibc's malloc left as it is, against `hostmem.reuse_freed_memory()` (what
-`main.py` does) as the baseline. Graphs come from the
+step's shapes; for /sharded, its exchange of requests, rows and gradients with the owners).
+`--host-memory=reuse,default` also runs each with glibc's malloc left as it is, against
+`hostmem.reuse_freed_memory()` (what `main.py` does) as the baseline. Graphs come from the
 planted-community generator at each data set's sizes (cached as .npz under --cache, since the
 Alibaba one takes a while to generate).
 
@@ -64,7 +64,8 @@ QUICK_SCALE = 0.05
 def benchmark_config(batch_size: int, sampler_mode: str, embedding_update: str, *extras: str):
   """Issue 4's benchmark configuration; extra "ib" adds the default variant's in-batch softmax
   (hashgnn_ib: scores · 10 / K, p = 1), "lightgcn" swaps the layers for LightGCN's (weightless,
-  64 wide, the layers' mean), "sharded" shards the table and moments by rows (issue 21)."""
+  64 wide, the layers' mean), "sharded" shards the table and moments by rows (issue 21), and
+  "fulllists" keeps its requests to each owner in full lists (train.request_capacity)."""
   from hashgnn_jax import config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.default_config()
   config.model.embed_dim = 64
@@ -97,9 +98,11 @@ def benchmark_config(batch_size: int, sampler_mode: str, embedding_update: str, 
       config.model.hidden_dims = (config.model.embed_dim,) * 2
     elif extra == "sharded":
       config.train.embedding_layout = "sharded"
+    elif extra == "fulllists":
+      config.train.request_capacity = "full"
     else:
-      raise ValueError(f"Unknown {extra!r} in a variant; expected 'ib', 'lightgcn' or "
-                       "'sharded'.")
+      raise ValueError(f"Unknown {extra!r} in a variant; expected 'ib', 'lightgcn', 'sharded' "
+                       "or 'fulllists'.")
   config_lib.validate(config)
   return config
 
@@ -142,20 +145,22 @@ def step_collectives(dense, shard_inputs, *, rows: int, dim: int):
   return ids.sum() + grads.sum() + sum(x.sum() for x in jax.tree.leaves(dense))
 
 
-def sharded_collectives(blocks, shard_inputs, *, rows: int, dim: int):
-  """What the sharded layout's step sends instead (`tables.lookup`, `tables.owned_gradients`):
-  requests of [rows] ids to every owner, the rows [rows, dim] back, and the gradients to the
-  owners; the dense gradients' pmean as in `step_collectives` is left out (the same in both)."""
+def sharded_exchange(blocks, shard_inputs, marks, *, rows: int, capacity: int):
+  """What the sharded layout's step does instead, through its own functions (`tables.lookup`,
+  `tables.owned_gradients` with the step's list capacity): [rows] ids spread over the owners
+  asked for, the rows back, and their gradients to the owners, summed there; the dense
+  gradients' pmean as in `step_collectives` is left out (the same in both)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from hashgnn_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
-  shard = shard_inputs[0]
-  ids = (jnp.arange(rows, dtype=jnp.int32) * 97 + shard) % blocks.shape[0]  # Local ids.
-  num = jax.lax.axis_size(step_lib.AXIS)
-  asked = jax.lax.all_to_all(jnp.broadcast_to(ids, (num, rows)), step_lib.AXIS, 0, 0)
-  got = jax.lax.all_to_all(blocks.at[asked].get(mode="fill", fill_value=0), step_lib.AXIS, 0, 0)
-  grads = jax.lax.all_to_all(jnp.broadcast_to(got.sum(0), (num, rows, dim)), step_lib.AXIS, 0, 0)
-  return grads.sum()
+  from hashgnn_jax.train import tables  # pylint: disable=g-import-not-at-top
+  block = blocks.shape[0]
+  # Distinct global ids (97 is prime), a device's share of each owner alike.
+  ids = (jnp.arange(rows, dtype=jnp.int32) * 97 + shard_inputs[0]) % (
+      jax.lax.axis_size(step_lib.AXIS) * block)
+  got, requests, _ = tables.lookup(blocks, ids, jnp.ones(rows, bool), step_lib.AXIS, capacity)
+  _, summed, _ = tables.owned_gradients(requests, got, block, marks, step_lib.AXIS)
+  return summed.sum()
 
 
 def worker(args) -> dict:
@@ -208,7 +213,8 @@ def worker(args) -> dict:
                          replicated)
   rng = jax.random.PRNGKey(2)
   set_sizes = step_lib.fit_set_sizes(config, device_graph, devices)
-  step_fn = step_lib.make_stepper(model, tx, config, per_epoch, devices, set_sizes)
+  capacity = step_lib.fit_request_capacity(config, device_graph, devices, set_sizes)
+  step_fn = step_lib.make_stepper(model, tx, config, per_epoch, devices, set_sizes, capacity)
 
   def sample_only(step, marks):
     # The same draw the first device makes at `step`, jitted alone (devices sample concurrently).
@@ -253,14 +259,16 @@ def worker(args) -> dict:
       collectives = jax.pmap(
           functools.partial(step_collectives, rows=set_sizes[-1], dim=config.model.embed_dim),
           axis_name=step_lib.AXIS, in_axes=(None, 0), out_axes=None, devices=devices)
-      payload = state_lib.split_embedding(state.params)[1]
+      inputs = (state_lib.split_embedding(state.params)[1], shard_inputs)
     else:
+      lists = capacity or min(set_sizes[-1], rows.rows_per_device)
       collectives = jax.pmap(
-          functools.partial(sharded_collectives, rows=set_sizes[-1], dim=config.model.embed_dim),
-          axis_name=step_lib.AXIS, in_axes=(0, 0), out_axes=None, devices=devices)
-      payload = state_lib.split_embedding(state.params)[0]
-    jax.block_until_ready(collectives(payload, shard_inputs))
-    collective_seconds = timed(lambda: collectives(payload, shard_inputs), args.steps)
+          functools.partial(sharded_exchange, rows=set_sizes[-1], capacity=lists),
+          axis_name=step_lib.AXIS, in_axes=(0, 0, None), out_axes=None, devices=devices)
+      inputs = (state_lib.split_embedding(state.params)[0], shard_inputs,
+                graph_lib.empty_marks(rows.rows_per_device))
+    jax.block_until_ready(collectives(*inputs))
+    collective_seconds = timed(lambda: collectives(*inputs), args.steps)
   peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   # The table and both moments as the first device holds them (its block when sharded).
   held = []
@@ -280,6 +288,8 @@ def worker(args) -> dict:
       "loss": float(metrics["loss"]),
       # Per-device set sizes the model ran on when the last step's sample fit them.
       "set_sizes": list(set_sizes) if set_sizes else None,
+      # The sharded layout's fitted list of ids asked of each owner (None: full lists).
+      "request_capacity": capacity,
       "trimmed": float(metrics.get("trimmed", 0.0)),
       "device": str(devices[0].platform),
   }

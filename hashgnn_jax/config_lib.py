@@ -35,6 +35,7 @@ SAMPLER_MODES = ("node", "tree")
 TRIM_SETS = ("auto", "always", "never")
 EMBEDDING_UPDATES = ("rowwise", "dense")
 EMBEDDING_LAYOUTS = ("replicated", "sharded")
+REQUEST_CAPACITIES = ("fitted", "full")
 LR_SCHEDULES = ("constant", "cosine")
 TIMESTAMP_UNITS = tuple(formats.TIMESTAMP_UNIT_DIGITS)
 RATED_KINDS = ("movielens", "csv")  # csv only with config.data.columns.rating set.
@@ -193,6 +194,11 @@ def default_config() -> ml_collections.ConfigDict:
   # devices (all processes') owns 1/n of their rows and serves them to the others in the step
   # (train/tables.py; row-wise updates only). README has the rule of thumb.
   config.train.embedding_layout = "replicated"
+  # sharded, "node" sampling: each device's list of the rows it asks of each owner holds the
+  # most any of a few sampled batches asked of one owner, plus a margin (~S / n ids rather than
+  # S); a batch that overflows one runs again with full lists (the host waits for each step to
+  # know). full: always S (or L) ids, which cannot overflow. train/tables.fit_capacity.
+  config.train.request_capacity = "fitted"
   config.train.num_epochs = 4.0  # Over the training edges; fractional values allowed.
   config.train.num_steps = -1  # >0 overrides num_epochs.
   config.train.num_devices = -1  # -1: all local devices.
@@ -474,6 +480,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice(config.sampler.mode, SAMPLER_MODES, "sampler.mode")
   _check_choice(config.train.embedding_update, EMBEDDING_UPDATES, "train.embedding_update")
   _check_choice(config.train.embedding_layout, EMBEDDING_LAYOUTS, "train.embedding_layout")
+  _check_choice(config.train.request_capacity, REQUEST_CAPACITIES, "train.request_capacity")
   if config.train.embedding_weight_decay < 0:
     raise ValueError(f"config.train.embedding_weight_decay={config.train.embedding_weight_decay}"
                      ": expected >= 0.")

@@ -38,7 +38,7 @@ def _config(**overrides):
   return config
 
 
-def _run_steps(exp, devices, num_steps, state=None, set_sizes=None):
+def _run_steps(exp, devices, num_steps, state=None, set_sizes=None, capacity=None):
   """Runs `num_steps` pmapped steps on `devices` the way train_and_evaluate does."""
   replicated, shard_inputs = step_lib.device_layout(devices)
   graph = graph_lib.to_device(exp.graph, replicated)
@@ -46,7 +46,7 @@ def _run_steps(exp, devices, num_steps, state=None, set_sizes=None):
     set_sizes = step_lib.fit_set_sizes(exp.config, graph, devices)
     assert set_sizes is not None
   step_fn = step_lib.make_train_step(exp.model, exp.tx, exp.config, exp.per_epoch, devices,
-                                  set_sizes)
+                                     set_sizes, capacity)
   state = step_lib.place_state(exp.initial_state() if state is None else state, devices,
                                exp.config.train.embedding_layout)
   metrics = None

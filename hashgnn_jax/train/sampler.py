@@ -264,32 +264,47 @@ def _untrimmed_sizes(num_targets: int, fanouts: tuple[int, ...], num_nodes: int)
   return sizes
 
 
-def fit_set_sizes(graph: graph_lib.DeviceGraph, batch_size: int, *, fanouts: tuple[int, ...],
-                  num_negatives: int, seed: int) -> tuple[int, ...] | None:
-  """Static `sample_blocks` sizes that hold the sets of typical batches of `batch_size` edges.
-
-  Samples a few batches of uniformly drawn edges ("node" mode, seeded, on the graph's first
-  device) and keeps, per set, the largest count plus a margin, non-decreasing and at most the
-  untrimmed size. None when that saves under `_MIN_TRIM_SAVING` of the summed set sizes (the
-  catalogue is about as small as a batch's reach, so the sets are full anyway), or, without
-  sampling, when the untrimmed sets hold under `_MIN_TRIM_SLOTS` slots.
-  """
-  full = _untrimmed_sizes(batch_size * (2 + num_negatives), fanouts, graph.num_nodes)
-  if sum(full) < _MIN_TRIM_SLOTS:
-    return None
+def fit_samples(graph: graph_lib.DeviceGraph, batch_size: int, *, fanouts: tuple[int, ...],
+                num_negatives: int, seed: int) -> list[NodeBlocks]:
+  """A few untrimmed `sample_blocks` samples of `batch_size` uniformly drawn edges (seeded, on
+  the graph's first device), as host arrays: what static sizes are fitted on."""
   graph = jax.tree.map(lambda a: a.addressable_data(0), graph)  # One copy, not one per device.
   # The graph as an argument: closed over, its arrays would be compiled in as constants.
   sample = jax.jit(lambda graph, edge_ids, key, marks: sample_blocks(
       graph, edge_ids, example_keys(key, jnp.arange(batch_size)), key, marks, fanouts=fanouts,
       num_negatives=num_negatives))
   marks = graph_lib.empty_marks(graph.num_nodes)
-  most = None
+  samples = []
   for key in jax.random.split(jax.random.PRNGKey(seed), _FIT_BATCHES):
     edge_ids = jax.random.randint(jax.random.fold_in(key, 0), (batch_size,), 0,
                                   graph.indices.shape[0] // 2)
     blocks, marks = sample(graph, edge_ids, key, marks)
-    counts = np.asarray(blocks.counts)
-    most = counts if most is None else np.maximum(most, counts)
+    samples.append(jax.device_get(blocks))
+  return samples
+
+
+def untrimmed_rows(batch_size: int, *, fanouts: tuple[int, ...], num_negatives: int,
+                   num_nodes: int) -> int:
+  """The embedding rows an untrimmed `sample_blocks` sample of `batch_size` edges reads (its
+  deepest set's size)."""
+  return _untrimmed_sizes(batch_size * (2 + num_negatives), fanouts, num_nodes)[-1]
+
+
+def fit_set_sizes(graph: graph_lib.DeviceGraph, batch_size: int, *, fanouts: tuple[int, ...],
+                  num_negatives: int, seed: int) -> tuple[int, ...] | None:
+  """Static `sample_blocks` sizes that hold the sets of typical batches of `batch_size` edges.
+
+  Keeps, per set, the largest count over `fit_samples` plus a margin, non-decreasing and at
+  most the untrimmed size. None when that saves under `_MIN_TRIM_SAVING` of the summed set
+  sizes (the catalogue is about as small as a batch's reach, so the sets are full anyway), or,
+  without sampling, when the untrimmed sets hold under `_MIN_TRIM_SLOTS` slots.
+  """
+  full = _untrimmed_sizes(batch_size * (2 + num_negatives), fanouts, graph.num_nodes)
+  if sum(full) < _MIN_TRIM_SLOTS:
+    return None
+  samples = fit_samples(graph, batch_size, fanouts=fanouts, num_negatives=num_negatives,
+                        seed=seed)
+  most = np.max([np.asarray(blocks.counts) for blocks in samples], axis=0)
   sizes = np.ceil(most * _SET_SIZE_MARGIN / _SET_SIZE_ALIGN).astype(int) * _SET_SIZE_ALIGN
   sizes = np.minimum(np.maximum.accumulate(sizes), full)
   if sizes.sum() > (1 - _MIN_TRIM_SAVING) * sum(full):

@@ -36,7 +36,8 @@ def local_batch_size(config: ml_collections.ConfigDict, devices: list[jax.Device
 
 def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict, per_epoch: int,
-                    devices: list[jax.Device], set_sizes: tuple[int, ...] | None = None):
+                    devices: list[jax.Device], set_sizes: tuple[int, ...] | None = None,
+                    capacity: int | None = None):
   """The pmapped step: (state, graph, edge_order, rng, shard_inputs) -> (state, metrics).
 
   state, graph, edge_order and rng go in unreplicated (in_axes None); shard_inputs [n, 2], a
@@ -45,7 +46,8 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
   to stop, so every process reads the same answer (`train.loop`).
   set_sizes ("node" mode, `sampler.fit_set_sizes`) bounds the node sets; a step whose sample does
   not fit them on some device changes nothing and reports metrics["trimmed"] = 0 (`make_stepper`
-  then runs it untrimmed).
+  then runs it untrimmed). capacity (the sharded layout, `fit_request_capacity`) bounds the
+  lists of rows each device asks of each owner the same way (None: lists that cannot overflow).
   """
   batch_size = config.train.batch_size
   local = local_batch_size(config, devices)
@@ -66,6 +68,7 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
   rowwise = config.train.embedding_update == "rowwise"
   # The sharded layout: each device's block of the table and moments, [L, E] inside the step.
   sharded = config.train.embedding_layout == "sharded"
+  bounded = set_sizes is not None or capacity is not None
   learning_rate = schedules.create_learning_rate(
       config.train, schedules.total_steps(config.train, per_epoch))
 
@@ -190,15 +193,21 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
         parts["temperature"] = temperature
       return loss, parts
 
-    # False when some device's sample overflowed set_sizes: the step then updates nothing.
-    complete = True
-    if set_sizes is not None:
-      complete = jax.lax.psum(jnp.logical_not(batch.complete).astype(jnp.int32), AXIS) == 0
+    fits = batch.complete if set_sizes is not None else True
     if rowwise:
       table, dense = state_lib.split_embedding(state.params)  # sharded: this device's block
       if sharded:
-        rows, asked = tables.lookup(table, row_ids, row_valid, AXIS)  # [S, E], [n, S]
-      else:
+        # Lists of S (or L) ids, every one of them on one owner at worst, cannot overflow.
+        lists = min(capacity or row_ids.shape[0], row_ids.shape[0], table.shape[0])
+        rows, requests, rows_fit = tables.lookup(table, row_ids, row_valid, AXIS, lists)
+        fits = rows_fit & fits  # rows [S, E]
+    # False when some device's sample overflowed set_sizes or a list of requests its capacity:
+    # the step then updates nothing.
+    complete = True
+    if bounded:
+      complete = jax.lax.psum(jnp.logical_not(fits).astype(jnp.int32), AXIS) == 0
+    if rowwise:
+      if not sharded:
         # Padding slots read row 0, reach no target, and get no update (their ids lie past the
         # table, which the update drops).
         rows = table.at[jnp.where(row_valid, row_ids, 0)].get(mode="promise_in_bounds")
@@ -209,9 +218,9 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
       if sharded:
         # `complete` is the same on every device, so owners may drop a trimmed step's requests.
         block_rows = table.shape[0]
-        asked = jnp.where(complete, asked, block_rows)
-        row_ids, row_grads, marks = tables.owned_gradients(asked, row_grads, block_rows, marks,
-                                                           AXIS)
+        requests = requests._replace(asked=jnp.where(complete, requests.asked, block_rows))
+        row_ids, row_grads, marks = tables.owned_gradients(requests, row_grads, block_rows,
+                                                           marks, AXIS)
       else:
         row_ids, row_grads, marks = optim.combine_row_grads(row_ids, row_grads, marks, AXIS)
       if update_table:
@@ -230,7 +239,7 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
     dense_state = state.opt_state["dense"] if rowwise else state.opt_state
     updates, dense_state = tx.update(grads, dense_state, dense)
     params = optax.apply_updates(dense, updates)
-    if set_sizes is not None:
+    if bounded:
       # Rows were kept from the update above; the rest is small, except in dense mode's table.
       keep_old = lambda new, old: jnp.where(complete, new, old)
       params = jax.tree.map(keep_old, params, dense)
@@ -306,27 +315,52 @@ def fit_set_sizes(config: ml_collections.ConfigDict, graph: graph_lib.DeviceGrap
   return sizes
 
 
+def fit_request_capacity(config: ml_collections.ConfigDict, graph: graph_lib.DeviceGraph,
+                         devices: list[jax.Device], set_sizes: tuple[int, ...] | None
+                         ) -> int | None:
+  """`make_train_step`'s capacity for `config.train.request_capacity` (None: full lists),
+  logged. Fitted in "node" mode of the sharded layout only, where it is below a full list."""
+  if (config.train.embedding_layout != "sharded" or config.train.request_capacity == "full"
+      or config.sampler.mode != "node"):
+    return None
+  local, fanouts = local_batch_size(config, devices), tuple(config.sampler.fanouts)
+  num_negatives, num_devices = config.sampler.num_negatives, len(devices)
+  rows_per_device = -(-graph.num_nodes // num_devices)
+  samples = sampler.fit_samples(graph, local, fanouts=fanouts, num_negatives=num_negatives,
+                                seed=config.seed)
+  capacity = tables.fit_capacity(samples, rows_per_device, num_devices)
+  reads = set_sizes[-1] if set_sizes else sampler.untrimmed_rows(
+      local, fanouts=fanouts, num_negatives=num_negatives, num_nodes=graph.num_nodes)
+  full = min(reads, rows_per_device)
+  if capacity >= full:
+    logging.info("Requests to each owner: full lists of %d ids (a fitted list saves none).", full)
+    return None
+  logging.info("Requests to each owner: lists of %d ids (full: %d).", capacity, full)
+  return capacity
+
+
 def make_stepper(model: model_lib.HashGNN, tx: optax.GradientTransformation,
                  config: ml_collections.ConfigDict, per_epoch: int, devices: list[jax.Device],
-                 set_sizes: tuple[int, ...] | None):
-  """The step the train loop calls: `make_train_step`'s, on trimmed sets where a batch fits them.
+                 set_sizes: tuple[int, ...] | None, capacity: int | None = None):
+  """The step the train loop calls: `make_train_step`'s, on trimmed sets and fitted request
+  lists where a batch fits them.
 
-  With set_sizes, each step runs trimmed and the host reads whether it fitted (so it waits for
-  every step); a step that did not is run again untrimmed, a second step function compiled on
-  first use. metrics["trimmed"] says which one ran.
+  With either bound, each step runs bounded and the host reads whether it fitted (so it waits
+  for every step); a step that did not is run again without bounds, a second step function
+  compiled on first use. metrics["trimmed"] says which one ran.
   """
-  untrimmed = make_train_step(model, tx, config, per_epoch, devices)
-  if set_sizes is None:
-    return untrimmed
-  trimmed = make_train_step(model, tx, config, per_epoch, devices, set_sizes)
+  unbounded = make_train_step(model, tx, config, per_epoch, devices)
+  if set_sizes is None and capacity is None:
+    return unbounded
+  bounded = make_train_step(model, tx, config, per_epoch, devices, set_sizes, capacity)
 
   def step(state, graph, edge_order, rng, shard_inputs):
-    state, metrics = trimmed(state, graph, edge_order, rng, shard_inputs)
+    state, metrics = bounded(state, graph, edge_order, rng, shard_inputs)
     if float(metrics["trimmed"]):
       return state, metrics
-    logging.info("Step %d: a sample overflowed the trimmed node sets; ran untrimmed.",
-                 int(state.step))
-    state, metrics = untrimmed(state, graph, edge_order, rng, shard_inputs)
+    logging.info("Step %d: a sample overflowed the trimmed node sets or request lists; ran "
+                 "without them.", int(state.step))
+    state, metrics = unbounded(state, graph, edge_order, rng, shard_inputs)
     metrics["trimmed"] = jnp.zeros((), jnp.float32)
     return state, metrics
 

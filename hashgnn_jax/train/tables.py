@@ -14,11 +14,13 @@ cutting rows (`train.checkpointing`).
 
 Blocks rather than rows dealt round-robin: a block is one contiguous slice of the saved array, so
 saving and restoring are plain sharded reads and writes. The price is balance: an owner of many
-popular rows answers more requests (the exchange's buffers are sized for the worst case anyway).
+popular rows answers more requests, and the fitted request lists (`fit_capacity`) are as long as
+the busiest owner's.
 """
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -95,45 +97,84 @@ class RowSharding:
     return whole.reshape(-1, whole.shape[-1])[:self.num_rows]
 
 
-def lookup(blocks: jax.Array, ids: jax.Array, valid: jax.Array, axis: str
-           ) -> tuple[jax.Array, jax.Array]:
+class Requests(NamedTuple):
+  """Where `lookup` put each wanted row, which `owned_gradients` reads to route its gradient.
+
+  asked [n, C]: the local ids every device asked of this one (L where a slot is unused);
+  owner, slot [S]: each wanted id's owner and its place in the list sent there (C: not sent).
+  """
+  asked: jax.Array
+  owner: jax.Array
+  slot: jax.Array
+
+
+def lookup(blocks: jax.Array, ids: jax.Array, valid: jax.Array, axis: str, capacity: int
+           ) -> tuple[jax.Array, Requests, jax.Array]:
   """Inside the step: the rows `ids` [S] (where valid) of the sharded table, [S, E].
 
-  blocks [L, E] is this device's block. Every device sends each owner the (local) ids it wants
-  of that owner's rows, L where none; owners answer with those rows (zero for L) and each
-  device sums the n answers, of which one at most is non-zero, so the result is exact. Returns
-  (rows [S, E], requests [n, S]: the local ids every device asked of this one, which
-  `owned_gradients` reads to route the gradients back).
+  blocks [L, E] is this device's block. Every device sends each owner a list of `capacity` = C
+  slots holding the local ids it wants of that owner's rows, in their order in `ids`, L in
+  unused slots; owners answer with those rows (zero for L). Returns (rows [S, E], Requests,
+  fits: whether no list overflowed on this device; where one did, the ids past C read zero
+  rows and the step must not use them).
 
-  Each request list is sized S, the worst case of every row on one owner, so the exchange moves
-  n·S ids and rows per device, as the replicated layout's all-gather of gradients does.
+  C = S cannot overflow (every row on one owner); the step's fitted C (`fit_capacity`) is
+  near S / n, so each device moves n·C ids and rows rather than n·S.
   """
   num_devices, rows = jax.lax.axis_size(axis), blocks.shape[0]
-  owners = jnp.arange(num_devices, dtype=ids.dtype)[:, None]  # [n, 1]
-  local = ids[None, :] - owners * rows  # [n, S]
-  mine = valid[None, :] & (local >= 0) & (local < rows)
-  asked = jax.lax.all_to_all(jnp.where(mine, local, rows), axis, 0, 0)  # [n, S] asked of me
-  answers = blocks.at[asked].get(mode="fill", fill_value=0)  # [n, S, E]
-  got = jax.lax.all_to_all(answers, axis, 0, 0)  # [n, S, E]: owner o's answer in row o
-  return jnp.sum(got, axis=0), asked
+  owner = jnp.where(valid, ids // rows, num_devices)  # [S]; n: none
+  # Each id's place among the ids for its owner: a running count over a one-hot [n, S].
+  to_owner = owner[None, :] == jnp.arange(num_devices, dtype=owner.dtype)[:, None]
+  place = jnp.cumsum(to_owner, axis=1, dtype=jnp.int32) - 1  # [n, S]
+  slot = jnp.take_along_axis(place, jnp.minimum(owner, num_devices - 1)[None, :], 0)[0]  # [S]
+  slot = jnp.where(valid & (slot < capacity), slot, capacity)
+  fits = jnp.all(jnp.sum(to_owner, axis=1) <= capacity)
+  sent = jnp.full((num_devices, capacity), rows, ids.dtype).at[owner, slot].set(
+      ids - owner * rows, mode="drop")  # [n, C]
+  asked = jax.lax.all_to_all(sent, axis, 0, 0)  # [n, C]: row o is what device o asked of me
+  answers = blocks.at[asked].get(mode="fill", fill_value=0)  # [n, C, E]
+  got = jax.lax.all_to_all(answers, axis, 0, 0)  # [n, C, E]: owner o's answers in row o
+  return got.at[owner, slot].get(mode="fill", fill_value=0), Requests(asked, owner, slot), fits
 
 
-def owned_gradients(asked: jax.Array, grads: jax.Array, rows: int, marks: jax.Array, axis: str
-                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def owned_gradients(requests: Requests, grads: jax.Array, rows: int, marks: jax.Array,
+                    axis: str) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The global-mean gradient of each of this device's rows that some device touched.
 
-  asked [n, S] from `lookup` (local ids, `rows` = L where not asked), grads [S, E] this device's
-  row gradients, marks [M + 1] the `graph_lib.unique_nodes` scratch of any M >= L (the train
-  state's) -> (local ids [G], grads [G, E], marks), G = min(n·S, L), padding ids M: what
-  `optim.row_adam_update` takes for this device's block, which drops ids past it.
+  requests from `lookup` (its `asked` holding `rows` = L where nothing is asked), grads [S, E]
+  this device's row gradients, marks [M + 1] the `graph_lib.unique_nodes` scratch of any M >= L
+  (the train state's) -> (local ids [G], grads [G, E], marks), G = min(n·C, L), padding ids M:
+  what `optim.row_adam_update` takes for this device's block, which drops ids past it.
 
-  Every device's gradients go to every owner, which keeps the entries it was asked for. They
-  are summed in device order, as `optim.combine_row_grads` sums them in the replicated layout,
-  so both layouts update the same rows by the same sums.
+  Each gradient goes back to its row's owner in the slot its id went in. An owner's lists keep
+  every device's ids in their order in that device's sample and arrive in device order, so the
+  sums run in the order `optim.combine_row_grads` sums the replicated layout's gradients, and
+  both layouts update the same rows by the same sums.
   """
-  num_devices = asked.shape[0]
-  received = jax.lax.all_to_all(jnp.broadcast_to(grads, (num_devices,) + grads.shape),
-                                axis, 0, 0).reshape(-1, grads.shape[-1])  # [n·S, E]
-  asked = asked.reshape(-1)  # [n·S]
+  num_devices, capacity = requests.asked.shape
+  sent = jnp.zeros((num_devices, capacity, grads.shape[-1]), grads.dtype).at[
+      requests.owner, requests.slot].set(grads, mode="drop")  # [n, C, E]
+  received = jax.lax.all_to_all(sent, axis, 0, 0).reshape(-1, grads.shape[-1])  # [n·C, E]
+  asked = requests.asked.reshape(-1)  # [n·C]
   unique, summed, marks = optim.sum_by_row(asked, asked < rows, received, rows, marks)
   return unique, summed / num_devices, marks
+
+
+# Fitted request lists: the most ids one sampled batch asked of one owner, times this, rounded
+# up to a multiple of _CAPACITY_ALIGN. An owner's count is a sum over many rows, so it varies
+# little between batches; a batch that overflows costs one more step with full lists
+# (`train.step.make_stepper`).
+_CAPACITY_MARGIN = 1.1
+_CAPACITY_ALIGN = 128
+
+
+def fit_capacity(samples, rows_per_device: int, num_devices: int) -> int:
+  """A `lookup` capacity that holds the requests of `samples` (`sampler.fit_samples`) to any
+  one owner, with a margin; at most L = rows_per_device (an owner has no more rows to give, and
+  a device's sample asks for each row once)."""
+  most = 0
+  for blocks in samples:
+    ids = np.asarray(blocks.nodes)[np.asarray(blocks.valid)]
+    most = max(most, int(np.bincount(ids // rows_per_device, minlength=num_devices).max()))
+  capacity = int(np.ceil(most * _CAPACITY_MARGIN / _CAPACITY_ALIGN)) * _CAPACITY_ALIGN
+  return min(capacity, rows_per_device)

@@ -19,6 +19,7 @@ from hashgnn_jax.data import graph as graph_lib
 from hashgnn_jax.data import loader
 from hashgnn_jax.evaluation import evaluate as evaluate_lib
 from hashgnn_jax.evaluation import reporting
+from hashgnn_jax.model import encode
 from hashgnn_jax.model import network as model_lib
 from hashgnn_jax.train import checkpointing
 from hashgnn_jax.train import optim
@@ -120,6 +121,16 @@ class Experiment:
     table, dense = state_lib.split_embedding(params)
     return state_lib.join_embedding(self.row_sharding.gather(table), dense)
 
+  def encode(self, params) -> np.ndarray:
+    """Continuous codes z [N, K] of every node, users first, from params in this experiment's
+    layout: encoded on this process's devices from its copy of them (replicated), or by each
+    owner from its block of the table (sharded; `encode.encode_nodes_sharded`)."""
+    if self.row_sharding is None:
+      return encode.encode_nodes(self.model, distributed.local_copy(params), self.graph,
+                                 edge_chunk=self.config.eval.edge_chunk)
+    return encode.encode_nodes_sharded(self.model, params, self.graph, self.row_sharding,
+                                       edge_chunk=self.config.eval.edge_chunk)
+
   @functools.cached_property
   def replicated(self) -> jax.sharding.NamedSharding:
     """Every training device holding the whole array: the layout of state and graph."""
@@ -149,9 +160,8 @@ class Experiment:
       known = self.known_at_test
     else:
       raise ValueError(f"Unknown split {split!r}; expected 'valid' or 'test'.")
-    # Encoding and scoring run on this process's devices, from its copy of the parameters.
-    params = distributed.local_copy(self.whole_params(params))
-    return evaluate_lib.evaluate(self.model, params, self.graph, users, items, self.config.eval,
+    return evaluate_lib.evaluate(lambda: self.encode(params), self.graph, users, items,
+                                 self.config.eval,
                                  step=step, split=split, known=known)
 
   @functools.cached_property
@@ -194,8 +204,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
 
 def restore_params(exp: Experiment, workdir: str, step: int | None,
                    which: str) -> tuple[dict, int]:
-  """(parameters on this process's devices, step) of checkpoint `which` ("latest", at `step` if
-  given, or "best").
+  """(parameters in the experiment's layout, for `Experiment.encode`; step) of checkpoint
+  `which` ("latest", at `step` if given, or "best").
 
   The optimizer state is dropped as soon as it is read: at Alibaba size its moments are 2.4 GB
   that encoding and scoring do not need.
@@ -210,4 +220,4 @@ def restore_params(exp: Experiment, workdir: str, step: int | None,
                               "validation split (config.data.valid_fraction) or no evaluation.")
   state = ckpt.restore(exp.abstract_state(), step, exp.config.to_dict())
   ckpt.close()
-  return distributed.local_copy(exp.whole_params(state.params)), int(state.step)
+  return state.params, int(state.step)

@@ -8,6 +8,8 @@ from hashgnn_jax import config_lib
 from hashgnn_jax.data import graph as graph_lib
 from hashgnn_jax.model import encode
 from hashgnn_jax.model import network as model_lib
+from hashgnn_jax.train import state as state_lib
+from hashgnn_jax.train import tables
 
 
 def _numpy_encode(params, graph, kind):
@@ -92,3 +94,55 @@ def test_lightgcn_encode_matches_dense_propagation(num_layers):
   for edge_chunk, row_chunk in ((1, 1), (7, 5), (10_000, 10_000)):
     z = encode.encode_nodes(model, params, graph, edge_chunk=edge_chunk, row_chunk=row_chunk)
     np.testing.assert_allclose(z, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("aggregator,separate", [("sage", True), ("gcn", False),
+                                                 ("lightgcn", False)])
+def test_sharded_encoding_equals_whole_table_encoding(aggregator, separate):
+  """Each owner encoding its block (rows 53 over 4 devices: L = 14, the last block padded) gives
+  the whole-table codes, with edge chunks that cut across the owners' edges, the shifted last
+  chunk, and one chunk for everything; to rounding (XLA's products on 14 rows against 53)."""
+  rng = np.random.default_rng(1)
+  num_users, num_items = 30, 23
+  pairs = {(int(rng.integers(num_users)), int(rng.integers(num_items))) for _ in range(120)}
+  pairs = np.array(sorted(pairs))
+  graph = graph_lib.build_graph(pairs[:, 0], pairs[:, 1], num_users, num_items)
+  config = config_lib.default_config().model
+  config.aggregator, config.embed_dim, config.hash_bits = aggregator, 8, 6
+  config.hidden_dims = (8, 8) if aggregator == "lightgcn" else (5, 3)
+  config.separate_hash_layers = separate
+  model = model_lib.create_model(config, num_users, num_items)
+  tree = graph_lib.sampled_tree_graph(np.zeros(3, np.int32), np.ones(2, bool), 1, (1, 1))
+  params = model.init(jax.random.PRNGKey(3), tree, 1, (1, 1), degrees=np.ones(3))["params"]
+  rows = tables.RowSharding(tuple(jax.local_devices()[:4]), graph.num_nodes)
+  table, dense = state_lib.split_embedding(params)
+  sharded = state_lib.join_embedding(rows.split(np.asarray(table)), dense)
+  for edge_chunk in (1, 9, 50, 10_000):
+    expected = encode.encode_nodes(model, params, graph, edge_chunk=edge_chunk)
+    z = encode.encode_nodes_sharded(model, sharded, graph, rows, edge_chunk=edge_chunk)
+    assert z.shape == expected.shape == (num_users + num_items, 6)
+    np.testing.assert_allclose(z, expected, rtol=1e-5, atol=1e-7,
+                               err_msg=f"edge_chunk={edge_chunk}")
+
+
+def test_owner_windows_against_a_loop_over_edges():
+  """Every edge of owner d's rows read once, in its chunk's window, and the list capacity the
+  most senders one window asks of one owner."""
+  rng = np.random.default_rng(2)
+  pairs = {(int(rng.integers(12)), int(rng.integers(9))) for _ in range(40)}
+  pairs = np.array(sorted(pairs))
+  graph = graph_lib.build_graph(pairs[:, 0], pairs[:, 1], 12, 9)
+  num_devices, block, chunk = 3, 7, 8
+  senders, receivers, valid, capacity = encode._owner_windows(graph, num_devices, block, chunk)
+  most = 0
+  for owner in range(num_devices):
+    got = sorted((int(receivers[owner][w, i]) + owner * block, int(senders[owner][w, i]))
+                 for w, i in zip(*np.nonzero(valid[owner])))
+    expected = sorted((int(r), int(s)) for r, s in zip(graph.edge_rows, graph.indices)
+                      if owner * block <= r < (owner + 1) * block)
+    assert got == expected
+    assert (receivers[owner][~valid[owner]] == block).all()
+    for w in range(valid.shape[1]):
+      counts = np.bincount(senders[owner][w][valid[owner][w]] // block, minlength=num_devices)
+      most = max(most, int(counts.max()))
+  assert capacity == most

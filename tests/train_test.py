@@ -15,7 +15,6 @@ import pytest
 
 from hashgnn_jax.data import graph as graph_lib
 from hashgnn_jax import experiment as experiment_lib
-from hashgnn_jax.model import encode
 from hashgnn_jax.model import losses
 from hashgnn_jax.serving import export
 from hashgnn_jax.train import checkpointing
@@ -370,8 +369,7 @@ def test_long_codes_train_checkpoint_evaluate_and_export(tmp_path, bits):
   assert (manifest["bits"], manifest["words"]) == (bits, bits // 32)
   exp = experiment_lib.Experiment(config)
   params, _ = experiment_lib.restore_params(exp, workdir, None, "latest")
-  node_z = np.asarray(encode.encode_nodes(exp.model, params, exp.graph,
-                                          edge_chunk=config.eval.edge_chunk))
+  node_z = exp.encode(params)
   users = np.load(os.path.join(path, "user_codes.npy"))
   assert users.shape == (exp.graph.num_users, bits // 32) and users.dtype == np.uint32
   # Bit j of word w is code bit 32 w + j, set where z >= 0: unpacked with NumPy shifts.

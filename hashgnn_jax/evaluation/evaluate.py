@@ -22,7 +22,6 @@ from hashgnn_jax import distributed
 from hashgnn_jax.data import graph as graph_lib
 from hashgnn_jax.evaluation import metrics as metrics_lib
 from hashgnn_jax.evaluation import popularity as popularity_lib
-from hashgnn_jax.model import encode
 from hashgnn_jax.retrieval import index as retrieval
 
 # Seconds between progress lines; an evaluation shorter than this logs none.
@@ -187,17 +186,18 @@ def _gather_chunks(hits: dict, num_users: int, chunk: int) -> dict:
           for key, start, width in zip(keys, np.cumsum([0] + widths[:-1]), widths)}
 
 
-def evaluate(model, params, graph: graph_lib.BipartiteGraph, split_users: np.ndarray,
+def evaluate(encode_all, graph: graph_lib.BipartiteGraph, split_users: np.ndarray,
              split_items: np.ndarray, eval_config, *, step: int, split: str,
              known: graph_lib.BipartiteGraph | None = None) -> dict:
-  """Encodes all nodes with `params` and returns the evaluation record of one split.
+  """Encodes all nodes with `encode_all()` (-> z [N, K], users first) and returns the
+  evaluation record of one split.
 
   "metrics" holds the first of `eval.protocols`; "by_protocol" holds every one of them.
   "num_eval_users" users were evaluated out of "num_split_users" with held-out items
   ("user_sample": whether `eval.max_users` drew a sample).
   """
   start = time.perf_counter()
-  codes = encode.encode_nodes(model, params, graph, edge_chunk=eval_config.edge_chunk)
+  codes = encode_all()
   seconds = {"encode": time.perf_counter() - start}
   result = evaluate_codes(codes, graph, split_users, split_items, eval_config, known=known)
   first = eval_config.protocols[0]

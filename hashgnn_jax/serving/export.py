@@ -19,7 +19,6 @@ from hashgnn_jax.data import graph as graph_lib
 from hashgnn_jax import distributed
 from hashgnn_jax import experiment as experiment_lib
 from hashgnn_jax import fileio
-from hashgnn_jax.model import encode
 from hashgnn_jax.retrieval import codes as codes_lib
 from hashgnn_jax.serving import format as format_lib
 
@@ -36,8 +35,7 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, step: 
   """
   exp = experiment_lib.Experiment(config)
   params, step = experiment_lib.restore_params(exp, workdir, step, which)
-  node_z = encode.encode_nodes(exp.model, params, exp.graph,
-                               edge_chunk=config.eval.edge_chunk)  # [U + I, K]
+  node_z = exp.encode(params)  # [U + I, K]
   if not distributed.is_main():
     return None
   path = write_export(os.path.join(workdir, SUBDIR), node_z=node_z, known=exp.known_at_test,

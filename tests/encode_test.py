@@ -100,8 +100,7 @@ def test_lightgcn_encode_matches_dense_propagation(num_layers):
                                                  ("lightgcn", False)])
 def test_sharded_encoding_equals_whole_table_encoding(aggregator, separate):
   """Each owner encoding its block (rows 53 over 4 devices: L = 14, the last block padded) gives
-  the whole-table codes, with edge chunks that cut across the owners' edges, the shifted last
-  chunk, and one chunk for everything; to rounding (XLA's products on 14 rows against 53)."""
+  the whole-table codes to rounding, with windows of 1 edge, a few and all of an owner's."""
   rng = np.random.default_rng(1)
   num_users, num_items = 30, 23
   pairs = {(int(rng.integers(num_users)), int(rng.integers(num_items))) for _ in range(120)}
@@ -126,13 +125,13 @@ def test_sharded_encoding_equals_whole_table_encoding(aggregator, separate):
 
 
 def test_owner_windows_against_a_loop_over_edges():
-  """Every edge of owner d's rows read once, in its chunk's window, and the list capacity the
-  most senders one window asks of one owner."""
+  """Every edge of owner d's rows read once, in windows of edge_chunk / n, and the list
+  capacity the most senders one window asks of one owner."""
   rng = np.random.default_rng(2)
   pairs = {(int(rng.integers(12)), int(rng.integers(9))) for _ in range(40)}
   pairs = np.array(sorted(pairs))
   graph = graph_lib.build_graph(pairs[:, 0], pairs[:, 1], 12, 9)
-  num_devices, block, chunk = 3, 7, 8
+  num_devices, block, chunk = 3, 7, 8  # Windows of 2 edges.
   senders, receivers, valid, capacity = encode._owner_windows(graph, num_devices, block, chunk)
   most = 0
   for owner in range(num_devices):
@@ -142,6 +141,7 @@ def test_owner_windows_against_a_loop_over_edges():
                       if owner * block <= r < (owner + 1) * block)
     assert got == expected
     assert (receivers[owner][~valid[owner]] == block).all()
+    assert valid.shape[2] == chunk // num_devices
     for w in range(valid.shape[1]):
       counts = np.bincount(senders[owner][w][valid[owner][w]] // block, minlength=num_devices)
       most = max(most, int(counts.max()))

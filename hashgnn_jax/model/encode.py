@@ -112,25 +112,33 @@ def encode_nodes_sharded(model: model_lib.HashGNN, params, graph: graph_lib.Bipa
   owners (`tables.RowSharding`), and each owner encodes its own rows, every layer's features
   staying in blocks; nothing whole but the returned z [N, K] exists.
 
-  Each owner sums its rows' incoming edges over the same global edge chunks `encode_nodes`
-  uses, asking the senders' owners for their rows chunk by chunk (`tables.lookup`, lists of
-  the most any chunk asks of one owner, counted here), so a row's sum adds the same values in
-  the same order. The codes equal `encode_nodes`' to rounding: mostly to the last bit, but the
-  layers' matrix products and fusions run on blocks of L rows, not N, which XLA may order
-  differently (1 ulp seen on the CPU).
-  Memory per device: its blocks of each layer and [n, C, D] rows a chunk, C <= edge_chunk.
+  Each owner sums its rows' incoming edges in windows of edge_chunk / n edges, asking the
+  senders' owners for their rows window by window (`tables.lookup`, lists as long as the most
+  one window asks of one owner, counted here, so they cannot overflow). The codes equal
+  `encode_nodes`' to rounding (the sums are grouped by other chunks, and the layers' products
+  run on L rows rather than N). Memory per device: its blocks of each layer's features and the
+  [n, C, D] rows of one window, n·C <= edge_chunk.
   """
+  encode, graph_inputs = sharded_encoder(model, graph, rows, edge_chunk=edge_chunk,
+                                         row_chunk=row_chunk)
+  table, dense = state_lib.split_embedding(params)
+  return rows.gather(encode(dense, table, *graph_inputs)).astype(np.float32)
+
+
+def sharded_encoder(model: model_lib.HashGNN, graph: graph_lib.BipartiteGraph,
+                    rows: tables.RowSharding, *, edge_chunk: int, row_chunk: int = 1 << 16):
+  """(the pmapped encoder, the graph's inputs to it placed on their owners) behind
+  `encode_nodes_sharded`: encode(dense params, table blocks [n, L, E], *graph inputs) -> z
+  blocks [n, L, K]. Apart for `bench/sharded_eval.py`, which reads its compiled memory."""
   num_devices, block = rows.num_shards, rows.rows_per_device
-  windows = _owner_windows(graph, num_devices, block, edge_chunk)
-  senders, receivers, valid, capacity = windows
+  senders, receivers, valid, capacity = _owner_windows(graph, num_devices, block, edge_chunk)
   place = lambda a: jax.make_array_from_callback(
       a.shape, rows.sharding, lambda index: a[index])  # [n, ...], each row on its owner
   degree = np.zeros((num_devices * block,), np.float32)
   degree[:graph.num_nodes] = np.diff(graph.indptr)
-  table, dense = state_lib.split_embedding(params)
 
   def encode_block(dense, table, senders, receivers, valid, degree):
-    # table [L, E]; senders, receivers, valid [W, edge chunk]; degree [L].
+    # table [L, E]; senders, receivers, valid [W, c]; degree [L].
     params = state_lib.join_embedding(table, dense)
     by_rows = functools.partial(_apply_by_rows, model, params, row_chunk=row_chunk)
     lightgcn = model.lightgcn_layers
@@ -140,16 +148,16 @@ def encode_nodes_sharded(model: model_lib.HashGNN, params, graph: graph_lib.Bipa
     for layer in range(model.num_layers):
       messages = by_rows(x, degree, method="messages", layer=None) if lightgcn else x
 
-      def chunk(carry, window, messages=messages):
-        sent, received, mask = window
-        looked, _, _ = tables.lookup(messages, sent, mask, _AXIS, capacity)  # [chunk, D]
+      def window(carry, edges, messages=messages):
+        sent, received, mask = edges
+        looked, _, _ = tables.lookup(messages, sent, mask, _AXIS, capacity)  # [c, D]
         s, d = model_lib.neighbour_sums(looked, jnp.arange(sent.shape[0]), received,
                                         mask.astype(looked.dtype), block)
         return (carry[0] + s, carry[1] + d), None
 
       start = (jnp.zeros((block, messages.shape[1]), messages.dtype),
                jnp.zeros((block,), messages.dtype))
-      (sums, count), _ = jax.lax.scan(chunk, start, (senders, receivers, valid))
+      (sums, count), _ = jax.lax.scan(window, start, (senders, receivers, valid))
       x = by_rows(x, sums, count, count, method="aggregate", layer=layer)
       if total is not None:
         total = total + x
@@ -160,9 +168,8 @@ def encode_nodes_sharded(model: model_lib.HashGNN, params, graph: graph_lib.Bipa
 
   encode = jax.pmap(encode_block, axis_name=_AXIS, in_axes=(None, 0, 0, 0, 0, 0),
                     devices=rows.devices)
-  z = encode(dense, table, place(senders), place(receivers), place(valid),
-             place(degree.reshape(num_devices, block)))
-  return rows.gather(z).astype(np.float32)
+  return encode, (place(senders), place(receivers), place(valid),
+                  place(degree.reshape(num_devices, block)))
 
 
 _AXIS = "rows"
@@ -170,39 +177,34 @@ _AXIS = "rows"
 
 def _owner_windows(graph: graph_lib.BipartiteGraph, num_devices: int, block: int,
                    edge_chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-  """Each owner's share of `_chunked_neighbour_sums`' edge chunks, for `encode_nodes_sharded`:
-  (senders [n, W, chunk] global ids, receivers [n, W, chunk] in the owner's block, valid
-  [n, W, chunk], the most senders one chunk of one owner has on one owner).
+  """Each owner's incoming edges in windows, for `encode_nodes_sharded`: (senders [n, W, c]
+  global ids, receivers [n, W, c] in the owner's block (L where unused), valid [n, W, c], the
+  most senders one window of one owner has on one owner).
 
-  Owner d reads the chunks that hold its rows' edges (rows are CSR-sorted, so a run of them)
-  at the same windows `_chunked_neighbour_sums` reads, valid where the edge is its rows' and
-  not one a shifted last window reads again; W is the most chunks any owner reads.
+  Owner d's rows are a run of the CSR, so their edges are one run too, cut into windows of
+  c = edge_chunk / n: a window's lists to the n owners then hold at most edge_chunk rows in
+  all, the buffer `encode_nodes` has per chunk. W is the most windows any owner has.
   """
   indptr, all_senders, all_receivers = graph.indptr, graph.indices, graph.edge_rows
-  num_edges = all_senders.shape[0]
-  chunk = max(min(edge_chunk, num_edges), 1)
-  spans = []
-  for owner in range(num_devices):
-    first_row = min(owner * block, graph.num_nodes)
-    last_row = min((owner + 1) * block, graph.num_nodes)
-    begin, end = int(indptr[first_row]), int(indptr[last_row])
-    spans.append((first_row, begin, end,
-                  np.arange(begin // chunk, -(-end // chunk)) if end > begin else np.arange(0)))
-  num_windows = max(1, max(len(span[3]) for span in spans))
+  chunk = max(edge_chunk // num_devices, 1)
+  spans = [(int(indptr[min(owner * block, graph.num_nodes)]),
+            int(indptr[min((owner + 1) * block, graph.num_nodes)]))
+           for owner in range(num_devices)]
+  num_windows = max(1, max(-(-(end - begin) // chunk) for begin, end in spans))
   shape = (num_devices, num_windows, chunk)
   senders, receivers = np.zeros(shape, np.int32), np.full(shape, block, np.int32)
   valid = np.zeros(shape, bool)
   capacity = 1
-  for owner, (first_row, begin, end, chunks) in enumerate(spans):
-    if not len(chunks):
+  for owner, (begin, end) in enumerate(spans):
+    if end == begin:
       continue
-    firsts = chunks[:, None] * chunk
-    edges = np.minimum(firsts, num_edges - chunk) + np.arange(chunk)  # [w, chunk]
-    mine = (edges >= firsts) & (edges >= begin) & (edges < end)
-    senders[owner, :len(chunks)] = all_senders[edges]
-    receivers[owner, :len(chunks)] = np.where(mine, all_receivers[edges] - first_row, block)
-    valid[owner, :len(chunks)] = mine
+    edges = begin + np.arange(num_windows * chunk).reshape(num_windows, chunk)  # [W, c]
+    mine = edges < end
+    edges = np.minimum(edges, end - 1)
+    senders[owner] = np.where(mine, all_senders[edges], 0)
+    receivers[owner] = np.where(mine, all_receivers[edges] - owner * block, block)
+    valid[owner] = mine
     # Per window, the senders asked of each owner.
-    keys = np.arange(len(chunks))[:, None] * num_devices + all_senders[edges] // block
+    keys = np.arange(num_windows)[:, None] * num_devices + all_senders[edges] // block
     capacity = max(capacity, int(np.bincount(keys[mine]).max()))
   return senders, receivers, valid, capacity

@@ -14,7 +14,8 @@
 #      automatic block size's cap on this device;
 #   4. the default job end to end on the device (train and evaluate, --mode=eval, --mode=export,
 #      a Retriever search; bench/default_run.py --serve);
-#   5. retrieval at the three small Table 4 shapes, all users, top_k and counting selection.
+#   5. retrieval at the three small Table 4 shapes, all users, top_k and counting selection;
+#   6. evaluation's encoding at 10M nodes, shard by shard and whole (bench/sharded_eval.py).
 # BUDGET_S (seconds, unset: no limit) bounds the whole script: each stage's limit is cut to what is
 # left, and a stage with under a minute left is skipped (listed, not failed), so a lease of fixed
 # length returns the most important results first. STAGES (comma-separated names as logged, unset:
@@ -79,6 +80,8 @@ if [[ "$backend" == "cpu" ]]; then
   stage default_job 600 "$PY" bench/default_run.py --devices=1 --serve \
     --out="$OUT/default_run.json"
   stage block_size 600 "$PY" bench/block_size.py --quick --out="$OUT/block_size.json"
+  stage sharded_eval 600 "$PY" bench/sharded_eval.py --quick --devices=2 --users=200 \
+    --out="$OUT/sharded_eval.json"
 else
   # The host generates the train graphs (NumPy only) while the accelerator runs retrieval.
   prepare=
@@ -99,6 +102,9 @@ else
   stage retrieval_small 140 "$PY" bench/retrieval.py --shapes=movielens,pinterest,gowalla \
     --bits=32,64 --devices=1 --user-chunk=4096 --selections=top_k,counting \
     --baseline-users=256 --methods=ours,numpy --out="$OUT/retrieval_small.json"
+  # Shard-by-shard encoding at 10M nodes against the whole-table encoder, on one device.
+  stage sharded_eval 300 "$PY" bench/sharded_eval.py --shape=10m --devices=1 \
+    --out="$OUT/sharded_eval.json"
 fi
 echo "Results in $OUT/; failed stages: ${failed[*]:-none}; skipped: ${skipped[*]:-none}" \
   | tee -a "$LOG"

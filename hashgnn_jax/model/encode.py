@@ -80,18 +80,30 @@ def encode_nodes(model: model_lib.HashGNN, params, graph: graph_lib.BipartiteGra
   senders = jnp.asarray(graph.indices)  # [2E]
   receivers = jnp.asarray(graph.edge_rows)  # [2E]
 
+  degree = jnp.asarray(np.diff(graph.indptr), jnp.float32) if model.lightgcn_layers else None
+  sums = functools.partial(_chunked_neighbour_sums, senders=senders, receivers=receivers,
+                           num_nodes=num_nodes, edge_chunk=edge_chunk)
+  # The features [N, D] go in unnamed, so that nothing here keeps them past the first layer.
+  z = _encode_from_features(
+      model, params, model.apply({"params": params}, method=model_lib.HashGNN.embed_all),
+      degree, jnp.arange(num_nodes, dtype=jnp.int32), sums, row_chunk=row_chunk)
+  return np.asarray(z, np.float32)
+
+
+def _encode_from_features(model: model_lib.HashGNN, params, x, degree, node_ids,
+                          neighbour_sums, *, row_chunk: int):
+  """z [R, K] of R nodes from their layer-0 features x [R, D], their degrees [R] (lightgcn
+  only; None otherwise) and ids [R]: the layers, each over neighbour_sums(messages [R, D]) ->
+  (sums [R, D], counts [R]) of every neighbour once, then the hash layer. The whole graph's
+  rows (`encode_nodes`) or one owner's block (`encode_nodes_sharded`)."""
   by_rows = functools.partial(_apply_by_rows, model, params, row_chunk=row_chunk)
-  x = model.apply({"params": params}, method=model_lib.HashGNN.embed_all)  # [N, D]
   # lightgcn's senders scale by degree before the sums; its mean over layers is kept as a
   # running sum (a list would hold L + 1 tables).
-  lightgcn = model.lightgcn_layers
-  degree = jnp.asarray(np.diff(graph.indptr), jnp.float32) if lightgcn else None  # [N]
-  total = x if lightgcn else None
+  total = x if model.lightgcn_layers else None
   for layer in range(model.num_layers):
-    # Only lightgcn's messages differ from x: another [N, D] pass and buffer otherwise.
-    messages = by_rows(x, degree, method="messages", layer=None) if lightgcn else x
-    sums, count = _chunked_neighbour_sums(messages, senders, receivers, num_nodes=num_nodes,
-                                          edge_chunk=edge_chunk)
+    # Only lightgcn's messages differ from x: another [R, D] pass and buffer otherwise.
+    messages = by_rows(x, degree, method="messages", layer=None) if degree is not None else x
+    sums, count = neighbour_sums(messages)
     del messages
     # Every neighbour is summed once, so the count is each node's degree in the graph.
     x = by_rows(x, sums, count, count, method="aggregate", layer=layer)
@@ -101,8 +113,7 @@ def encode_nodes(model: model_lib.HashGNN, params, graph: graph_lib.BipartiteGra
   if total is not None:
     x = model.apply({"params": params}, total, x, method=model_lib.HashGNN.readout)
     del total
-  z = by_rows(x, jnp.arange(num_nodes, dtype=jnp.int32), method="hash", layer=None)
-  return np.asarray(z, np.float32)
+  return by_rows(x, node_ids, method="hash", layer=None)
 
 
 def encode_nodes_sharded(model: model_lib.HashGNN, params, graph: graph_lib.BipartiteGraph,
@@ -140,15 +151,9 @@ def sharded_encoder(model: model_lib.HashGNN, graph: graph_lib.BipartiteGraph,
   def encode_block(dense, table, senders, receivers, valid, degree):
     # table [L, E]; senders, receivers, valid [W, c]; degree [L].
     params = state_lib.join_embedding(table, dense)
-    by_rows = functools.partial(_apply_by_rows, model, params, row_chunk=row_chunk)
-    lightgcn = model.lightgcn_layers
-    # From the block as rows: the embedding module itself would insist on the whole table.
-    x = model.apply({"params": params}, table, method=model_lib.HashGNN.features)  # [L, D]
-    total = x if lightgcn else None
-    for layer in range(model.num_layers):
-      messages = by_rows(x, degree, method="messages", layer=None) if lightgcn else x
 
-      def window(carry, edges, messages=messages):
+    def neighbour_sums(messages):  # [L, D] -> [L, D], [L]: window by window
+      def window(carry, edges):
         sent, received, mask = edges
         looked, _, _ = tables.lookup(messages, sent, mask, _AXIS, capacity)  # [c, D]
         s, d = model_lib.neighbour_sums(looked, jnp.arange(sent.shape[0]), received,
@@ -157,14 +162,13 @@ def sharded_encoder(model: model_lib.HashGNN, graph: graph_lib.BipartiteGraph,
 
       start = (jnp.zeros((block, messages.shape[1]), messages.dtype),
                jnp.zeros((block,), messages.dtype))
-      (sums, count), _ = jax.lax.scan(window, start, (senders, receivers, valid))
-      x = by_rows(x, sums, count, count, method="aggregate", layer=layer)
-      if total is not None:
-        total = total + x
-    if total is not None:
-      x = model.apply({"params": params}, total, x, method=model_lib.HashGNN.readout)
+      return jax.lax.scan(window, start, (senders, receivers, valid))[0]
+
+    # From the block as rows: the embedding module itself would insist on the whole table.
+    x = model.apply({"params": params}, table, method=model_lib.HashGNN.features)  # [L, D]
     node_ids = jax.lax.axis_index(_AXIS) * block + jnp.arange(block, dtype=jnp.int32)
-    return by_rows(x, node_ids, method="hash", layer=None)  # [L, K]
+    return _encode_from_features(model, params, x, degree if model.lightgcn_layers else None,
+                                 node_ids, neighbour_sums, row_chunk=row_chunk)  # [L, K]
 
   encode = jax.pmap(encode_block, axis_name=_AXIS, in_axes=(None, 0, 0, 0, 0, 0),
                     devices=rows.devices)

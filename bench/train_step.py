@@ -212,8 +212,7 @@ def worker(args) -> dict:
   order = jax.device_put(via_host(sampler.epoch_order(jax.random.PRNGKey(1), 0, graph.num_edges)),
                          replicated)
   rng = jax.random.PRNGKey(2)
-  set_sizes = step_lib.fit_set_sizes(config, device_graph, devices)
-  capacity = step_lib.fit_request_capacity(config, device_graph, devices, set_sizes)
+  set_sizes, capacity = step_lib.fit_bounds(config, device_graph, devices)
   step_fn = step_lib.make_stepper(model, tx, config, per_epoch, devices, set_sizes, capacity)
 
   def sample_only(step, marks):

@@ -46,8 +46,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   graph = graph_lib.to_device(exp.graph, replicated)
   order_fn = jax.jit(functools.partial(sampler.epoch_order, num_edges=exp.graph.num_edges),
                      out_shardings=replicated)
-  set_sizes = step_lib.fit_set_sizes(config, graph, devices)
-  capacity = step_lib.fit_request_capacity(config, graph, devices, set_sizes)
+  set_sizes, capacity = step_lib.fit_bounds(config, graph, devices)
   p_train_step = step_lib.make_stepper(exp.model, exp.tx, config, exp.per_epoch, devices,
                                        set_sizes, capacity)
   best = exp.best_checkpointer(workdir)

@@ -291,19 +291,20 @@ def untrimmed_rows(batch_size: int, *, fanouts: tuple[int, ...], num_negatives: 
 
 
 def fit_set_sizes(graph: graph_lib.DeviceGraph, batch_size: int, *, fanouts: tuple[int, ...],
-                  num_negatives: int, seed: int) -> tuple[int, ...] | None:
+                  num_negatives: int, seed: int, draw=None) -> tuple[int, ...] | None:
   """Static `sample_blocks` sizes that hold the sets of typical batches of `batch_size` edges.
 
   Keeps, per set, the largest count over `fit_samples` plus a margin, non-decreasing and at
   most the untrimmed size. None when that saves under `_MIN_TRIM_SAVING` of the summed set
   sizes (the catalogue is about as small as a batch's reach, so the sets are full anyway), or,
-  without sampling, when the untrimmed sets hold under `_MIN_TRIM_SLOTS` slots.
+  without sampling, when the untrimmed sets hold under `_MIN_TRIM_SLOTS` slots. draw: a
+  function returning those samples, for a caller that fits other sizes on the same ones.
   """
   full = _untrimmed_sizes(batch_size * (2 + num_negatives), fanouts, graph.num_nodes)
   if sum(full) < _MIN_TRIM_SLOTS:
     return None
-  samples = fit_samples(graph, batch_size, fanouts=fanouts, num_negatives=num_negatives,
-                        seed=seed)
+  samples = draw() if draw else fit_samples(graph, batch_size, fanouts=fanouts,
+                                            num_negatives=num_negatives, seed=seed)
   most = np.max([np.asarray(blocks.counts) for blocks in samples], axis=0)
   sizes = np.ceil(most * _SET_SIZE_MARGIN / _SET_SIZE_ALIGN).astype(int) * _SET_SIZE_ALIGN
   sizes = np.minimum(np.maximum.accumulate(sizes), full)

@@ -300,9 +300,27 @@ def gather_candidates(codes: jax.Array, num_examples: int, num_negatives: int, m
                           gathered[:, b:].reshape(-1, width)])
 
 
+def fit_bounds(config: ml_collections.ConfigDict, graph: graph_lib.DeviceGraph,
+               devices: list[jax.Device]) -> tuple[tuple[int, ...] | None, int | None]:
+  """(set_sizes, capacity) for `make_stepper`, both fitted on one draw of sampled batches."""
+  draw = _fit_draw(config, graph, devices)
+  set_sizes = fit_set_sizes(config, graph, devices, draw)
+  return set_sizes, fit_request_capacity(config, graph, devices, set_sizes, draw)
+
+
+def _fit_draw(config: ml_collections.ConfigDict, graph: graph_lib.DeviceGraph,
+              devices: list[jax.Device]):
+  """`sampler.fit_samples` of this run's local batches, drawn on the first call only."""
+  return functools.cache(functools.partial(
+      sampler.fit_samples, graph, local_batch_size(config, devices),
+      fanouts=tuple(config.sampler.fanouts), num_negatives=config.sampler.num_negatives,
+      seed=config.seed))
+
+
 def fit_set_sizes(config: ml_collections.ConfigDict, graph: graph_lib.DeviceGraph,
-                  devices: list[jax.Device]) -> tuple[int, ...] | None:
-  """`make_train_step`'s set_sizes for `config.sampler.trim_sets` (None: untrimmed), logged."""
+                  devices: list[jax.Device], draw=None) -> tuple[int, ...] | None:
+  """`make_train_step`'s set_sizes for `config.sampler.trim_sets` (None: untrimmed), logged.
+  draw: `fit_bounds`' shared `sampler.fit_samples`."""
   trim = config.sampler.trim_sets
   if trim == "auto":
     trim = "always" if devices[0].platform == "cpu" else "never"
@@ -310,14 +328,15 @@ def fit_set_sizes(config: ml_collections.ConfigDict, graph: graph_lib.DeviceGrap
     return None
   sizes = sampler.fit_set_sizes(graph, local_batch_size(config, devices),
                                 fanouts=tuple(config.sampler.fanouts),
-                                num_negatives=config.sampler.num_negatives, seed=config.seed)
+                                num_negatives=config.sampler.num_negatives, seed=config.seed,
+                                draw=draw or _fit_draw(config, graph, devices))
   logging.info("Node sets per device trimmed to %s slots.", sizes or "(none: sets near full)")
   return sizes
 
 
 def fit_request_capacity(config: ml_collections.ConfigDict, graph: graph_lib.DeviceGraph,
-                         devices: list[jax.Device], set_sizes: tuple[int, ...] | None
-                         ) -> int | None:
+                         devices: list[jax.Device], set_sizes: tuple[int, ...] | None,
+                         draw=None) -> int | None:
   """`make_train_step`'s capacity for `config.train.request_capacity` (None: full lists),
   logged. Fitted in "node" mode of the sharded layout only, where it is below a full list."""
   if (config.train.embedding_layout != "sharded" or config.train.request_capacity == "full"
@@ -326,8 +345,7 @@ def fit_request_capacity(config: ml_collections.ConfigDict, graph: graph_lib.Dev
   local, fanouts = local_batch_size(config, devices), tuple(config.sampler.fanouts)
   num_negatives, num_devices = config.sampler.num_negatives, len(devices)
   rows_per_device = -(-graph.num_nodes // num_devices)
-  samples = sampler.fit_samples(graph, local, fanouts=fanouts, num_negatives=num_negatives,
-                                seed=config.seed)
+  samples = (draw or _fit_draw(config, graph, devices))()
   capacity = tables.fit_capacity(samples, rows_per_device, num_devices)
   reads = set_sizes[-1] if set_sizes else sampler.untrimmed_rows(
       local, fanouts=fanouts, num_negatives=num_negatives, num_nodes=graph.num_nodes)

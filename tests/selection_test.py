@@ -126,6 +126,49 @@ def test_smallest_set_matches_lexsort(num_entries, k, max_value):
   np.testing.assert_array_equal(got, _reference_set(values, k))
 
 
+def test_smallest_set_of_uint32_values_spans_all_32_bits():
+  # Values past 2**31 would overflow a signed midpoint in the binary search.
+  rng = np.random.default_rng(5)
+  values = rng.integers(0, 1 << 32, (6, 700), dtype=np.uint64).astype(np.uint32)
+  values[:, ::9] = 0xFFFFFFFF
+  values[:, 3::9] = values[:, 4::9][:, :values[:, 3::9].shape[1]]  # Ties.
+  values[0] = 0xFFFFFFFF  # All equal at the largest value.
+  got = jax.jit(lambda v: selection.smallest_set(v, 250, 0xFFFFFFFF))(values)
+  np.testing.assert_array_equal(got, _reference_set(values.astype(np.int64), 250))
+
+
+def _float_keys(rng, rows, num_entries):
+  """Inner-product-like keys with what top_k must rank exactly: ties, neighbouring floats,
+  -inf (excluded items), +inf, and signed zeros, which top_k ranks 0.0 above -0.0."""
+  keys = rng.standard_normal((rows, num_entries)).astype(np.float32)
+  keys[:, ::5] = np.round(keys[:, ::5])  # Ties, -0.0 among them.
+  keys[:, 1::7] = np.nextafter(keys[:, ::7][:, :keys[:, 1::7].shape[1]], np.inf)
+  keys[:, 2::9] = -np.inf
+  keys[0, :] = -np.inf
+  keys[1, ::2] = 0.0
+  keys[1, 1::2] = -0.0
+  keys[2, ::3] = np.inf
+  return keys
+
+
+@pytest.mark.parametrize("num_entries, k", [(1, 1), (9, 9), (300, 100), (1616, 100), (2562, 101),
+                                            (5000, 500), (1000, 333)])
+def test_float_top_k_equals_lax_top_k(num_entries, k):
+  keys = _float_keys(np.random.default_rng(num_entries), 5, num_entries)
+  values, columns = jax.jit(selection.top_k, static_argnums=1)(keys, k)
+  want_values, want_columns = jax.lax.top_k(keys, k)
+  np.testing.assert_array_equal(columns, want_columns)
+  np.testing.assert_array_equal(np.signbit(values), np.signbit(want_values))
+  np.testing.assert_array_equal(values, want_values)
+  # Against NumPy: descending by the keys' total order, ties to lower columns.
+  # -0.0 as a float64 between every negative float32 and 0.0.
+  total = -np.where((keys == 0) & np.signbit(keys), -1e-300, keys.astype(np.float64))
+  want = [np.lexsort((np.arange(num_entries), row))[:k] for row in total]
+  np.testing.assert_array_equal(columns, want)
+  np.testing.assert_array_equal(jax.jit(selection.largest_set, static_argnums=1)(keys, k),
+                                np.sort(want, axis=1))
+
+
 def test_nth_set_bit_matches_bit_scan():
   rng = np.random.default_rng(3)
   words = rng.integers(0, 1 << 32, 400, dtype=np.uint64).astype(np.uint32)

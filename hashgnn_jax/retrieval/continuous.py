@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 
 from hashgnn_jax.retrieval import layout
+from hashgnn_jax.retrieval import selection as selection_lib
 
 P, USERS, ITEMS = layout.P, layout.USERS, layout.ITEMS  # Short names for the specs below.
 
@@ -12,42 +13,52 @@ TILE_ITEMS = 1 << 17
 
 
 def continuous_shard(z, user_z, exclude, *, block_size, tile_blocks, valid_items, num_picks,
-                      num_results):
+                      num_results, counting):
   """Exact inner-product top list (scores, local positions) [C, n] of one shard.
 
   z [S, K] by local position; user_z [C, K]; exclude: local positions [C, L], S for the rest, or
   None. The [C, S] products never exist at once: a scan over tiles of `tile_blocks` blocks keeps
   the best `num_picks` blocks with their scores, gathered from the tile's own product so that
-  they equal the block keys bit for bit.
+  they equal the block keys bit for bit. counting: blocks and items are chosen by
+  `selection.top_k` and `selection.largest_set` instead of `jax.lax.top_k` (the same lists).
   """
+  top_k = selection_lib.top_k if counting else jax.lax.top_k
   num_users = user_z.shape[0]
   tile_items = tile_blocks * block_size
   num_blocks = z.shape[0] // block_size
+  single_tile = num_blocks == tile_blocks
   rows = jnp.arange(num_users)[:, None]
 
   def tile_best(tile):
-    """The tile's best min(n', T) blocks: keys and block ids [C, m], scores [C, m, b]."""
+    """The tile's best min(n', T) blocks: keys and block ids [C, m] (keys None where not
+    needed), scores [C, m, b]."""
     start = tile * tile_items
     tile_z = jax.lax.dynamic_slice_in_dim(z, start, tile_items)  # [T * b, K]
-    scores = jnp.einsum("tk,ck->tc", tile_z, user_z, precision=jax.lax.Precision.HIGHEST)
+    # Users-major: block keys and the picked blocks' scores then need no transpose.
+    scores = jnp.einsum("ck,tk->ct", user_z, tile_z, precision=jax.lax.Precision.HIGHEST)
     if exclude is not None:
       local = exclude - start  # [C, L]
       local = jnp.where((local >= 0) & (local < tile_items), local, tile_items)
-      scores = scores.at[local, rows].set(-jnp.inf, mode="drop")
-    scores = scores.reshape(tile_blocks, block_size, num_users)  # [T, b, C]
+      scores = scores.at[rows, local].set(-jnp.inf, mode="drop")
+    scores = scores.reshape(num_users, tile_blocks, block_size)  # [C, T, b]
+    keys = jnp.max(scores, axis=2)
     blocks = tile * tile_blocks + jnp.arange(tile_blocks)  # [T]
-    keys = jnp.where(blocks * block_size < valid_items, jnp.max(scores, axis=1).T, -jnp.inf)
-    tile_keys, top = jax.lax.top_k(keys, min(num_picks, tile_blocks))  # [C, m]
-    return tile_keys, blocks[top], scores[top, :, rows]
+    keys = jnp.where(blocks * block_size < valid_items, keys, -jnp.inf)
+    if single_tile and counting:  # Only the blocks are needed, and in block order (no sort).
+      top = selection_lib.largest_set(keys, min(num_picks, tile_blocks))  # [C, m]
+      tile_keys = None
+    else:
+      tile_keys, top = top_k(keys, min(num_picks, tile_blocks))  # [C, m]
+    return tile_keys, blocks[top], scores[rows, top]
 
   def merge_tile(best, tile):
     # Kept blocks come first: they have lower indices, so they win ties as a flat top_k would.
     keys, blocks, scores = (jnp.concatenate(pair, axis=1) for pair in zip(best, tile_best(tile)))
-    keys, keep = jax.lax.top_k(keys, num_picks)  # [C, n']
+    keys, keep = top_k(keys, num_picks)  # [C, n']
     blocks = jnp.take_along_axis(blocks, keep, axis=1)
     return (keys, blocks, jnp.take_along_axis(scores, keep[:, :, None], axis=1)), None
 
-  if num_blocks == tile_blocks:
+  if single_tile:
     keys, blocks, block_scores = tile_best(0)
   else:
     # Placeholders: block B lies beyond every real position, with no score to win.
@@ -60,13 +71,11 @@ def continuous_shard(z, user_z, exclude, *, block_size, tile_blocks, valid_items
     best = jax.lax.pcast(best, (USERS, ITEMS), to="varying")
     tiles = jnp.arange(num_blocks // tile_blocks)
     (keys, blocks, block_scores), _ = jax.lax.scan(merge_tile, best, tiles)
-  if block_size == 1:  # Blocks are items, already ranked with ties in position order.
+  if block_size == 1 and keys is not None:  # Blocks are items, ranked with ties in order.
     return keys[:, :num_results], blocks[:, :num_results]
-  order = jnp.argsort(blocks, axis=1)  # [C, n']
-  return layout.top_items(
-    jnp.take_along_axis(blocks, order, axis=1),
-    jnp.take_along_axis(block_scores, order[:, :, None], axis=1),
-    None,
-    valid_items=valid_items,
-    num_results=num_results,
-  )
+  if keys is not None:  # Blocks in key order: the items' tie rule needs them in block order.
+    order = jnp.argsort(blocks, axis=1)  # [C, n']
+    blocks = jnp.take_along_axis(blocks, order, axis=1)
+    block_scores = jnp.take_along_axis(block_scores, order[:, :, None], axis=1)
+  return layout.top_items(blocks, block_scores, None, valid_items=valid_items,
+                          num_results=num_results, top_k=top_k)

@@ -23,9 +23,10 @@ blocks of b consecutive positions; per user:
      the transpose, the pass would read every code once per user instead of once per chunk); on
      CPU, a shard whose codes fit in cache is read users-major from a copy laid out by offset
      within the block, which needs no transpose.
-     Continuous keys come from a scan over tiles of 2**17 items: per tile a [T, C] product, its
+     Continuous keys come from a scan over tiles of 2**17 items: per tile a [C, T] product, its
      block maxima, and its best blocks with their scores merged into a running best, so no [C, I]
-     array exists and re-ranked scores equal the keys bit for bit.
+     array exists and re-ranked scores equal the keys bit for bit. On CPU, blocks and items are
+     chosen by counting over the float keys' bits (`selection.top_k`), not by top_k.
   2. each block holding an excluded item has its key recomputed over its kept items (continuous:
      excluded products are set to -inf in the tile); blocks of padding get key -inf;
   3. the top n + p blocks by key (ties: lower block first) are kept, p = 1 when a block mixes items
@@ -81,7 +82,8 @@ def _search_shard(words, z, user_words, user_z, distances, exclude=None, *, mode
   }
   if mode == "continuous":
     top_scores, top_pos = continuous.continuous_shard(
-      z, user_z, exclude, block_size=block_size, tile_blocks=tile_blocks, **kwargs
+      z, user_z, exclude, block_size=block_size, tile_blocks=tile_blocks, counting=counting,
+      **kwargs
     )
     return top_scores[None], (top_pos + offset)[None]
   # Hierarchical candidates are re-ranked anyway: counting may leave them in position order.

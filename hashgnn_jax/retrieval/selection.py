@@ -263,8 +263,9 @@ def _nth_set_bit(words, n):
 def smallest_set(values, k: int, max_value: int):
   """Columns of the k smallest (value, column) pairs of values [C, N], ascending: int32 [C, k].
 
-  values: integers in [0, max_value]. Ties take the lower columns, as `jax.lax.top_k` of -values
-  would; the result is the same set as top_k's, in column order rather than value order.
+  values: integers in [0, max_value], or uint32 values of any size (max_value up to 2**32 - 1).
+  Ties take the lower columns, as `jax.lax.top_k` of -values would; the result is the same set as
+  top_k's, in column order rather than value order.
 
   The k-th smallest value t comes from a binary search over values; the entries below t and the
   first ties at t are then packed as bits into words of 32 columns, and slot s finds its word by a
@@ -277,7 +278,9 @@ def smallest_set(values, k: int, max_value: int):
   if not 1 <= k <= n:
     raise ValueError(f"k={k} must lie in [1, {n}].")
   # Narrow values make each pass of the search read a quarter of the bytes.
-  values = values.astype(jnp.uint8 if max_value < 256 else jnp.int32)
+  if values.dtype != jnp.uint32:
+    values = values.astype(jnp.uint8 if max_value < 256 else jnp.int32)
+  count_dtype = jnp.uint32 if values.dtype == jnp.uint32 else jnp.int32
 
   # The k-th smallest value: the least t with at least k values <= t. A loop rather than unrolled
   # passes: XLA:CPU fuses the producer of `values` into every pass (in retrieval it once fused a
@@ -285,14 +288,14 @@ def smallest_set(values, k: int, max_value: int):
   # Pinterest shape), while a loop's operand is computed once.
   def halve(_, bounds):
     low, high = bounds
-    middle = (low + high) // 2
+    middle = low + (high - low) // 2  # low + high may overflow 32 bits.
     enough = jnp.sum(values <= middle.astype(values.dtype), axis=1, keepdims=True,
                      dtype=jnp.int32) >= k
     return jnp.where(enough, low, middle + 1), jnp.where(enough, middle, high)
 
   # Shaped after `values`, so that under shard_map the bounds vary over the same mesh axes.
-  low = jnp.zeros_like(values[:, :1], jnp.int32)  # [C, 1]
-  high = low + max_value
+  low = jnp.zeros_like(values[:, :1], count_dtype)  # [C, 1]
+  high = low + jnp.asarray(max_value, count_dtype)
   _, high = jax.lax.fori_loop(0, max(max_value, 1).bit_length(), halve, (low, high))
   high = high.astype(values.dtype)
   below = codes_lib.pack_flags(values < high)  # [C, W]
@@ -313,6 +316,40 @@ def smallest_set(values, k: int, max_value: int):
                   - jnp.take_along_axis(counts, word, axis=1))
   bit = _nth_set_bit(jnp.take_along_axis(chosen, word, axis=1), rank)
   return word * codes_lib.WORD_BITS + bit
+
+
+def _total_order_int32(keys):
+  """float32 keys [..., N] (not NaN) as int32 in XLA's total order (-0.0 just below 0.0).
+
+  `jax.lax.top_k` ranks 0.0 above -0.0, so `top_k` below keeps them apart too.
+  """
+  bits = jax.lax.bitcast_convert_type(keys, jnp.int32)
+  return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def largest_set(keys, k: int):
+  """Columns of the k largest float32 keys [C, N] (not NaN), ties to lower columns, ascending.
+
+  `smallest_set` over the keys' bits as uint32 values in reverse order: a binary search of 32
+  passes for the k-th largest key, then the same counting. The set `jax.lax.top_k` picks, in
+  column order.
+  """
+  ordered = jax.lax.bitcast_convert_type(_total_order_int32(keys), jnp.uint32)
+  # Flipping the sign bit would order them unsigned; flipping the other 31 too reverses that.
+  return smallest_set(ordered ^ jnp.uint32(0x7FFFFFFF), k, 0xFFFFFFFF)
+
+
+def top_k(keys, k: int):
+  """`jax.lax.top_k` of float32 keys [C, N] (not NaN): the same values and columns [C, k].
+
+  The k largest by counting (`largest_set`), then ordered by a stable `argsort`, so that equal
+  keys keep their lower columns first as top_k's do.
+  """
+  columns = largest_set(keys, k)  # [C, k]
+  values = jnp.take_along_axis(keys, columns, axis=1)
+  # Negated, the total order's int32 cannot overflow: its magnitude is at most 2**31 - 2**23 + 1.
+  order = argsort(-_total_order_int32(values))
+  return jnp.take_along_axis(values, order, axis=1), jnp.take_along_axis(columns, order, axis=1)
 
 
 def smallest_indices(keys, ties, k: int, *, max_tie: int = 0):

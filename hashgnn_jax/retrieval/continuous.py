@@ -27,11 +27,13 @@ def continuous_shard(z, user_z, exclude, *, block_size, tile_blocks, valid_items
   tile_items = tile_blocks * block_size
   num_blocks = z.shape[0] // block_size
   single_tile = num_blocks == tile_blocks
+  # Counted blocks of a single tile come in block order: no keys to merge, no sort.
+  in_block_order = single_tile and counting
   rows = jnp.arange(num_users)[:, None]
 
   def tile_best(tile):
-    """The tile's best min(n', T) blocks: keys and block ids [C, m] (keys None where not
-    needed), scores [C, m, b]."""
+    """The tile's best min(n', T) blocks: keys (None if in_block_order) and block ids [C, m],
+    scores [C, m, b]."""
     start = tile * tile_items
     tile_z = jax.lax.dynamic_slice_in_dim(z, start, tile_items)  # [T * b, K]
     # Users-major: block keys and the picked blocks' scores then need no transpose.
@@ -44,7 +46,7 @@ def continuous_shard(z, user_z, exclude, *, block_size, tile_blocks, valid_items
     keys = jnp.max(scores, axis=2)
     blocks = tile * tile_blocks + jnp.arange(tile_blocks)  # [T]
     keys = jnp.where(blocks * block_size < valid_items, keys, -jnp.inf)
-    if single_tile and counting:  # Only the blocks are needed, and in block order (no sort).
+    if in_block_order:
       top = selection_lib.largest_set(keys, min(num_picks, tile_blocks))  # [C, m]
       tile_keys = None
     else:
@@ -71,9 +73,9 @@ def continuous_shard(z, user_z, exclude, *, block_size, tile_blocks, valid_items
     best = jax.lax.pcast(best, (USERS, ITEMS), to="varying")
     tiles = jnp.arange(num_blocks // tile_blocks)
     (keys, blocks, block_scores), _ = jax.lax.scan(merge_tile, best, tiles)
-  if block_size == 1 and keys is not None:  # Blocks are items, ranked with ties in order.
+  if block_size == 1 and not in_block_order:  # Blocks are items, ranked with ties in order.
     return keys[:, :num_results], blocks[:, :num_results]
-  if keys is not None:  # Blocks in key order: the items' tie rule needs them in block order.
+  if not in_block_order:  # Blocks in key order: the items' tie rule needs them in block order.
     order = jnp.argsort(blocks, axis=1)  # [C, n']
     blocks = jnp.take_along_axis(blocks, order, axis=1)
     block_scores = jnp.take_along_axis(block_scores, order[:, :, None], axis=1)

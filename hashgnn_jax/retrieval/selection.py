@@ -127,9 +127,7 @@ def _ordered_int32(keys):
   """
   if keys.dtype == jnp.int32:
     return keys
-  bits = jax.lax.bitcast_convert_type(jnp.where(keys == 0, 0.0, keys).astype(jnp.float32),
-                                      jnp.int32)
-  return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+  return _total_order_int32(jnp.where(keys == 0, 0.0, keys).astype(jnp.float32))
 
 
 def argsort(keys, ties=None, *, max_tie: int = 0):

@@ -31,7 +31,7 @@ LOGIT_SCALES = ("none", "inv_sqrt_bits", "inv_bits", "cosine")
 RANK_LOSSES = ("hinge", "bpr")
 EVAL_MODES = ("hamming", "hierarchical", "continuous")
 PROTOCOLS = ("standard", "paper")
-SAMPLER_MODES = ("node", "tree")
+SAMPLER_MODES = ("node", "tree", "full")
 TRIM_SETS = ("auto", "always", "never")
 EMBEDDING_UPDATES = ("rowwise", "dense")
 EMBEDDING_LAYOUTS = ("replicated", "sharded")
@@ -96,7 +96,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.sampler.fanouts = (10, 5)
   config.sampler.num_negatives = 5  # Paper: 5 triplets per positive.
   # node: distinct nodes sample once per hop and are computed once (GraphSAGE minibatch);
-  # tree: every target gets its own sampled tree (authors' code). train/sampler.py has the details.
+  # tree: every target gets its own sampled tree (authors' code); full: no sampling, every layer
+  # on the whole graph each step (fanouts then only count the layers; needs dense updates).
+  # train/sampler.py has the details.
   config.sampler.mode = "node"
   # node mode: bound the node sets by sizes fitted on a few sampled batches where the sets are big
   # and that cuts a tenth of their slots (exact: a batch that does not fit runs again untrimmed;
@@ -490,6 +492,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
        "the row-wise update applies it"),
       (config.train.embedding_layout == "sharded", "train.embedding_layout='sharded'",
        "dense Adam reads the whole table each step"))
+  if config.sampler.mode == "full" and config.train.embedding_update != "dense":
+    raise ValueError("config.sampler.mode='full' trains every embedding row each step: it needs "
+                     "config.train.embedding_update='dense', not "
+                     f"{config.train.embedding_update!r}.")
   for active, setting, why in needs_rowwise:
     if active and config.train.embedding_update != "rowwise":
       raise ValueError(f"config.{setting} needs config.train.embedding_update='rowwise' ({why}), "

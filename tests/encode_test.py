@@ -146,3 +146,30 @@ def test_owner_windows_against_a_loop_over_edges():
       counts = np.bincount(senders[owner][w][valid[owner][w]] // block, minlength=num_devices)
       most = max(most, int(counts.max()))
   assert capacity == most
+
+
+@pytest.mark.parametrize("aggregator", ["gcn", "sage", "lightgcn"])
+def test_encode_graph_equals_full_neighbour_encoding(aggregator):
+  """The differentiable whole-graph layers ("full" sampler mode) against `encode_nodes`, which
+  the tests above hold to NumPy; any node ids, repeats included, and the logits too."""
+  rng = np.random.default_rng(3)
+  num_users, num_items = 9, 7
+  pairs = np.array(sorted({(int(rng.integers(num_users)), int(rng.integers(num_items)))
+                           for _ in range(30)}))
+  graph = graph_lib.build_graph(pairs[:, 0], pairs[:, 1], num_users, num_items)
+  config = config_lib.default_config().model
+  config.aggregator, config.embed_dim, config.hash_bits = aggregator, 4, 6
+  config.hidden_dims = (4, 4) if aggregator == "lightgcn" else (5, 3)
+  model = model_lib.create_model(config, num_users, num_items)
+  tree = graph_lib.sampled_tree_graph(np.zeros(3, np.int32), np.ones(2, bool), 1, (1, 1))
+  params = model.init(jax.random.PRNGKey(2), tree, 1, (1, 1), degrees=np.ones(3))["params"]
+  expected = encode.encode_nodes(model, params, graph, edge_chunk=7)
+  device_graph = graph_lib.to_device(graph)
+  node_ids = np.array([0, 15, 3, 3, 9, 12, 8], np.int32)
+  args = (device_graph.indices, graph_lib.edge_receivers(device_graph),
+          np.diff(graph.indptr), node_ids)
+  z = model.apply({"params": params}, *args, method=model_lib.HashGNN.encode_graph)
+  np.testing.assert_allclose(z, expected[node_ids], rtol=1e-5, atol=1e-6)
+  logits = model.apply({"params": params}, *args, logits=True,
+                       method=model_lib.HashGNN.encode_graph)
+  np.testing.assert_allclose(np.tanh(logits), expected[node_ids], rtol=1e-5, atol=1e-6)

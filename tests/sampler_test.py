@@ -72,6 +72,21 @@ def _small_batch(b=16):
   return graph, graph_lib.to_device(graph), _neighbour_sets(graph), edge_ids, keys
 
 
+def test_batch_targets_are_the_trees_roots():
+  """"full" mode's targets: the users, positives and negatives a batch roots its trees at."""
+  _, device_graph, _, edge_ids, keys = _small_batch()
+  targets = sampler.batch_targets(device_graph, edge_ids, keys, num_negatives=5)
+  trees = sampler.sample_batch(device_graph, edge_ids, keys, fanouts=(2,), num_negatives=5)
+  assert targets.shape == (16 * 7,)
+  np.testing.assert_array_equal(targets, np.asarray(trees.nodes)[:16 * 7])
+
+
+def test_edge_receivers_are_the_csr_rows():
+  graph, _ = _random_graph()
+  got = graph_lib.edge_receivers(graph_lib.to_device(graph))
+  np.testing.assert_array_equal(got, np.repeat(np.arange(graph.num_nodes), np.diff(graph.indptr)))
+
+
 def test_sampled_trees_use_real_neighbours_and_static_shapes():
   graph, device_graph, neighbours, edge_ids, keys = _small_batch()
   fanouts, num_negatives, b = (4, 3), 5, 16

@@ -66,7 +66,7 @@ def experiment():
 # the gathered form that large catalogues use.
 @pytest.mark.parametrize("mode,update", [("node", "rowwise"), ("node", "rowwise-gathered"),
                                          ("tree", "rowwise"), ("node", "dense"),
-                                         ("node", "rowwise-trimmed")])
+                                         ("node", "rowwise-trimmed"), ("full", "dense")])
 def test_four_devices_match_one_device(experiment, mode, update, monkeypatch):
   assert jax.local_device_count() >= 4
   if update == "rowwise-gathered":
@@ -92,10 +92,11 @@ def test_four_devices_match_one_device(experiment, mode, update, monkeypatch):
                one_state.params, four_state.params)
 
 
-@pytest.mark.parametrize("mode", ["node", "tree"])
+@pytest.mark.parametrize("mode", ["node", "tree", "full"])
 def test_lightgcn_four_devices_match_one_device(mode):
+  update = "dense" if mode == "full" else "rowwise"
   exp = experiment_lib.Experiment(_config(model__aggregator="lightgcn", model__hidden_dims=(16, 16),
-                                          sampler__mode=mode))
+                                          sampler__mode=mode, train__embedding_update=update))
   one_state, one_metrics, _ = _run_steps(exp, jax.local_devices()[:1], 2)
   four_state, four_metrics, _ = _run_steps(exp, jax.local_devices()[:4], 2)
   for name in one_metrics:
@@ -498,6 +499,9 @@ def test_invalid_config_values_name_the_key():
   with pytest.raises(ValueError, match=r"config\.train\.embedding_weight_decay needs .*rowwise"):
     experiment_lib.Experiment(_config(train__embedding_weight_decay=0.1,
                                       train__embedding_update="dense"))
+  with pytest.raises(ValueError, match=r"config\.sampler\.mode='full' .*needs "
+                                       r"config\.train\.embedding_update='dense'"):
+    experiment_lib.Experiment(_config(sampler__mode="full"))
   for key, value in (("lr_schedule", "step"), ("lr_end_fraction", 1.5), ("warmup_steps", -1),
                      ("embedding_weight_decay", -0.1)):
     config = _config()

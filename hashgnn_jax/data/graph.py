@@ -124,6 +124,12 @@ def node_degrees(graph: DeviceGraph, nodes: jax.Array) -> jax.Array:
   return graph.indptr[jnp.minimum(nodes + 1, last)] - graph.indptr[jnp.minimum(nodes, last)]
 
 
+def edge_receivers(graph: DeviceGraph) -> jax.Array:
+  """The row (receiving node) of each CSR entry, ascending: [2E] int32."""
+  return jnp.repeat(jnp.arange(graph.num_nodes, dtype=jnp.int32), jnp.diff(graph.indptr),
+                    total_repeat_length=graph.indices.shape[0])
+
+
 def to_device(graph: BipartiteGraph, sharding: jax.sharding.Sharding | None = None) -> DeviceGraph:
   """Places the CSR on device(s) once; the train step reads it without host work."""
   if len(graph.indices) >= 2**31:

@@ -352,6 +352,27 @@ class HashGNN(nn.Module):
       raise ValueError("aggregator='lightgcn' needs the nodes' degrees in the graph (degrees=).")
     return jnp.ones((num_nodes,), jnp.float32)  # Read by no other aggregator.
 
+  def encode_graph(self, senders: jax.Array, receivers: jax.Array, degrees: jax.Array,
+                   node_ids: jax.Array, logits: bool = False) -> jax.Array:
+    """z (or with `logits`, a) of node_ids [T] with every neighbour of every node: [T, K].
+
+    The whole graph's layers, differentiable ("full" sampler mode): senders, receivers [2E] are
+    the CSR's entries (`graph.indices` and their rows, so receivers ascend) and degrees [N] every
+    node's degree. Each layer reads all N nodes, so a step costs O(E · D) whatever the batch.
+    """
+    x = self.embed_all()  # [N, D]
+    degrees = degrees.astype(x.dtype)
+    total = x
+    for layer in range(self.num_layers):
+      sums = graph_lib.segment_sum(self.messages(x, degrees)[senders], receivers,
+                                   num_segments=x.shape[0], indices_are_sorted=True)  # [N, D]
+      x = self.aggregate(layer, x, sums, degrees, degrees)
+      if self.lightgcn_layers:
+        total = total + x
+    u = self.readout(total[node_ids], x[node_ids])  # [T, D]
+    hash_fn = self.hash_logits if logits else self.hash
+    return hash_fn(u, node_ids)
+
   def encode_blocks(self, blocks, rows: jax.Array | None = None, logits: bool = False,
                     degrees: jax.Array | None = None) -> jax.Array:
     """z (or with `logits`, a) of every target of a `sampler.NodeBlocks` sample: [b·(2+T), K].

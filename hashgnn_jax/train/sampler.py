@@ -17,6 +17,8 @@ neighbourhoods (`config.sampler.mode`):
   so a node samples the same neighbours on every device and the step does not depend on the
   device count. On a catalogue that the batch covers many times over (Gowalla at batch 4096) this
   computes several times fewer rows; on a huge one (Alibaba) it approaches the tree's count.
+- "full": no sampling; every layer runs on the whole graph with every neighbour, as evaluation
+  encodes (`batch_targets` draws only the targets). O(E · D) a step, whatever the batch.
 """
 
 from typing import NamedTuple
@@ -111,6 +113,15 @@ def batch_roots(graph: graph_lib.DeviceGraph, edge_ids: jax.Array, keys: jax.Arr
                                                                                 neg_keys[:, 0])
   roots = jnp.concatenate([users[:, None], items[:, None], negatives], axis=1)  # [b, 2+T]
   return roots, tree_keys[:, 0]
+
+
+def batch_targets(graph: graph_lib.DeviceGraph, edge_ids: jax.Array, keys: jax.Array,
+                  num_negatives: int) -> jax.Array:
+  """The targets alone, with no neighbours drawn ("full" mode: the step reads the whole graph).
+
+  edge_ids [b], keys [b] -> [b·(2+T)] node ids in the [users | positives | negatives] layout.
+  """
+  return _targets_major(batch_roots(graph, edge_ids, keys, num_negatives)[0])
 
 
 def sample_batch(graph: graph_lib.DeviceGraph, edge_ids: jax.Array, keys: jax.Array, *,

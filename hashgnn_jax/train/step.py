@@ -65,6 +65,7 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
   mixed = config.loss.inbatch_negatives  # m: uniform negatives per example in the softmax.
 
   node_mode = config.sampler.mode == "node"
+  full_graph = config.sampler.mode == "full"  # Needs dense updates (config_lib.validate).
   rowwise = config.train.embedding_update == "rowwise"
   # The sharded layout: each device's block of the table and moments, [L, E] inside the step.
   sharded = config.train.embedding_layout == "sharded"
@@ -73,7 +74,10 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
       config.train, schedules.total_steps(config.train, per_epoch))
 
   def sample(graph, edge_ids, keys, sample_key, marks):
-    """The batch's sample and the embedding rows it reads: (sample, ids [S], valid [S], marks)."""
+    """The batch's sample and the embedding rows it reads: (sample, ids [S], valid [S], marks).
+    "full" mode's sample is its targets alone, [b·(2+T)] node ids."""
+    if full_graph:
+      return sampler.batch_targets(graph, edge_ids, keys, num_negatives), None, None, marks
     if node_mode:
       blocks, marks = sampler.sample_blocks(graph, edge_ids, keys, sample_key, marks,
                                             fanouts=fanouts, num_negatives=num_negatives,
@@ -101,17 +105,26 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
 
   def target_ids(batch):
     """The targets' node ids [b·(2+T)], in the `sampler` layout."""
+    if full_graph:
+      return batch
     nodes = sampled_nodes(batch)
     return nodes[batch.targets] if node_mode else nodes[:num_targets]
 
   def sample_degrees(graph, batch):
-    """The sampled nodes' degrees in the graph, which lightgcn's layers read (None otherwise)."""
+    """The sampled nodes' degrees in the graph, which lightgcn's layers read (None otherwise);
+    "full" mode: every node's, [N], which every aggregator reads."""
+    if full_graph:
+      return jnp.diff(graph.indptr)
     if not model.lightgcn_layers:
       return None
     return graph_lib.node_degrees(graph, sampled_nodes(batch))
 
-  def codes(params, batch, rows, degrees):
-    """z (or a) [b·(2+T), K] of the batch's targets; rows [S, E] are the touched rows."""
+  def codes(params, batch, rows, degrees, edges):
+    """z (or a) [b·(2+T), K] of the batch's targets; rows [S, E] are the touched rows, edges the
+    graph's (senders, receivers) in "full" mode."""
+    if full_graph:
+      return model.apply({"params": params}, *edges, degrees, batch,
+                         logits=from_logits, method=model_lib.HashGNN.encode_graph)
     if node_mode:
       return model.apply({"params": params}, batch, rows, logits=from_logits, degrees=degrees,
                          method=model_lib.HashGNN.encode_blocks)
@@ -147,6 +160,7 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
     batch, row_ids, row_valid, marks = sample(
         graph, edge_ids, sampler.example_keys(sample_key, within), sample_key, state.node_marks)
     degrees = sample_degrees(graph, batch)
+    edges = (graph.indices, graph_lib.edge_receivers(graph)) if full_graph else None
     p = schedule(state.step)
     collides = log_q = None
     if inbatch:
@@ -176,7 +190,7 @@ def make_train_step(model: model_lib.HashGNN, tx: optax.GradientTransformation,
                                         share_positive=share)
 
     def loss_fn(params, rows=None):
-      h, z = training_codes(codes(params, batch, rows, degrees), state.step, keep, guide_key,
+      h, z = training_codes(codes(params, batch, rows, degrees, edges), state.step, keep, guide_key,
                             within)
       temperature = None
       if model.learned_temperature > 0:

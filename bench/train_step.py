@@ -1,14 +1,15 @@
 """Train-step throughput on graphs of MovieLens, Gowalla and Alibaba size (issue 4's benchmark).
 
   python bench/train_step.py [--shapes=movielens,gowalla,alibaba] [--batches=256,4096]
-      [--variants=node/rowwise,node/dense,tree/rowwise,node/rowwise/ib,node/rowwise/ib/lightgcn]
+      [--variants=node/rowwise,node/dense,tree/rowwise,node/rowwise/ib,node/rowwise/ib/lightgcn,
+                  full/dense/ib/lightgcn]
       [--devices=1] [--steps=10]
       [--processes=1,2] [--host-memory=reuse,default] [--out=bench_train.json]
       [--cache=/tmp/hashgnn_bench] [--scale=1.0] [--quick] [--prepare-only]
 
 Every (shape, batch, variant) runs in its own subprocess, so each reports its own peak RSS
 (embeddings + optimizer state + graph + the step's buffers). A variant is sampler.mode /
-train.embedding_update, then optionally / ib for the default variant's in-batch softmax and
+train.embedding_update (mode full, whole-graph layers with no sampling, needs dense), then optionally / ib for the default variant's in-batch softmax and
 / lightgcn for LightGCN's layers instead of gcn ones; the first
 listed is the baseline the others are compared with in the same run. `--devices=1,2` also runs
 each on that many devices (host CPU devices split with XLA_FLAGS on a CPU; the batch is global,

@@ -9,16 +9,16 @@
 
 Every (shape, batch, variant) runs in its own subprocess, so each reports its own peak RSS
 (embeddings + optimizer state + graph + the step's buffers). A variant is sampler.mode /
-train.embedding_update (mode full, whole-graph layers with no sampling, needs dense), then optionally / ib for the default variant's in-batch softmax and
-/ lightgcn for LightGCN's layers instead of gcn ones; the first
-listed is the baseline the others are compared with in the same run. `--devices=1,2` also runs
-each on that many devices (host CPU devices split with XLA_FLAGS on a CPU; the batch is global,
-split over the devices). `--processes=1,2` also runs each case as that many JAX processes
-over 127.0.0.1 (jax.distributed with gloo, host CPU devices), the same devices in all split
-among them: against one process of the same devices, the step's extra time is what its
+train.embedding_update (mode full, whole-graph layers with no sampling, needs dense), then
+optionally / ib for the default variant's in-batch softmax and / lightgcn for LightGCN's layers
+instead of gcn ones; the first listed is the baseline the others are compared with in the same run.
+`--devices=1,2` also runs each on that many devices (host CPU devices split with XLA_FLAGS on a CPU;
+the batch is global, split over the devices). `--processes=1,2` also runs each case as that many JAX
+processes over 127.0.0.1 (jax.distributed with gloo, host CPU devices), the same devices in all
+split among them: against one process of the same devices, the step's extra time is what its
 collectives cost across processes, which the run also times alone (`collective_ms`: the step's
-all-gather of touched rows and their gradients and its pmean of the dense gradients, at the
-step's shapes; for /sharded, its exchange of requests, rows and gradients with the owners).
+all-gather of touched rows and their gradients and its pmean of the dense gradients, at the step's
+shapes; for /sharded, its exchange of requests, rows and gradients with the owners).
 `--host-memory=reuse,default` also runs each with glibc's malloc left as it is, against
 `hostmem.reuse_freed_memory()` (what `main.py` does) as the baseline. Graphs come from the
 planted-community generator at each data set's sizes (cached as .npz under --cache, since the

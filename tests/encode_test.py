@@ -30,14 +30,19 @@ def _numpy_encode(params, graph, kind):
   return np.tanh(x @ np.asarray(params["user_hash"]["kernel"]) + params["user_hash"]["bias"])
 
 
+def _random_graph(seed, num_users=9, num_items=7, draws=30):
+  """(pairs [P, 2], graph) of up to `draws` distinct random (user, item) pairs, sorted."""
+  rng = np.random.default_rng(seed)
+  pairs = np.array(sorted({(int(rng.integers(num_users)), int(rng.integers(num_items)))
+                           for _ in range(draws)}))
+  return pairs, graph_lib.build_graph(pairs[:, 0], pairs[:, 1], num_users, num_items)
+
+
 @pytest.mark.parametrize("kind", ["gcn", "sage"])
 def test_encode_matches_numpy_for_any_chunks(kind):
-  rng = np.random.default_rng(0)
   num_users, num_items = 9, 7
-  pairs = {(int(rng.integers(num_users)), int(rng.integers(num_items))) for _ in range(30)}
-  pairs = np.array(sorted(pairs))
   # Item 6 and user 8 may end up isolated: their mean over no neighbours must still work.
-  graph = graph_lib.build_graph(pairs[:, 0], pairs[:, 1], num_users, num_items)
+  _, graph = _random_graph(0)
   config = config_lib.default_config().model
   config.aggregator, config.embed_dim, config.hidden_dims, config.hash_bits = kind, 4, (5, 3), 6
   model = model_lib.create_model(config, num_users, num_items)
@@ -64,11 +69,8 @@ def test_encode_a_graph_without_edges():
 @pytest.mark.parametrize("num_layers", [1, 3])
 def test_lightgcn_encode_matches_dense_propagation(num_layers):
   """LightGCN written as its paper does: E^(l+1) = D^-½ A D^-½ E^(l), u = mean_l E^(l)."""
-  rng = np.random.default_rng(1)
   num_users, num_items = 9, 7
-  pairs = np.array(sorted({(int(rng.integers(num_users)), int(rng.integers(num_items)))
-                           for _ in range(30)}))
-  graph = graph_lib.build_graph(pairs[:, 0], pairs[:, 1], num_users, num_items)
+  pairs, graph = _random_graph(1)
   config = config_lib.default_config().model
   config.aggregator, config.embed_dim, config.hash_bits = "lightgcn", 4, 6
   config.hidden_dims = (4,) * num_layers
@@ -101,11 +103,8 @@ def test_lightgcn_encode_matches_dense_propagation(num_layers):
 def test_sharded_encoding_equals_whole_table_encoding(aggregator, separate):
   """Each owner encoding its block (rows 53 over 4 devices: L = 14, the last block padded) gives
   the whole-table codes to rounding, with windows of 1 edge, a few and all of an owner's."""
-  rng = np.random.default_rng(1)
   num_users, num_items = 30, 23
-  pairs = {(int(rng.integers(num_users)), int(rng.integers(num_items))) for _ in range(120)}
-  pairs = np.array(sorted(pairs))
-  graph = graph_lib.build_graph(pairs[:, 0], pairs[:, 1], num_users, num_items)
+  _, graph = _random_graph(1, num_users, num_items, draws=120)
   config = config_lib.default_config().model
   config.aggregator, config.embed_dim, config.hash_bits = aggregator, 8, 6
   config.hidden_dims = (8, 8) if aggregator == "lightgcn" else (5, 3)
@@ -127,10 +126,7 @@ def test_sharded_encoding_equals_whole_table_encoding(aggregator, separate):
 def test_owner_windows_against_a_loop_over_edges():
   """Every edge of owner d's rows read once, in windows of edge_chunk / n, and the list
   capacity the most senders one window asks of one owner."""
-  rng = np.random.default_rng(2)
-  pairs = {(int(rng.integers(12)), int(rng.integers(9))) for _ in range(40)}
-  pairs = np.array(sorted(pairs))
-  graph = graph_lib.build_graph(pairs[:, 0], pairs[:, 1], 12, 9)
+  _, graph = _random_graph(2, 12, 9, draws=40)
   num_devices, block, chunk = 3, 7, 8  # Windows of 2 edges.
   senders, receivers, valid, capacity = encode._owner_windows(graph, num_devices, block, chunk)
   most = 0
@@ -152,11 +148,8 @@ def test_owner_windows_against_a_loop_over_edges():
 def test_encode_graph_equals_full_neighbour_encoding(aggregator):
   """The differentiable whole-graph layers ("full" sampler mode) against `encode_nodes`, which
   the tests above hold to NumPy; any node ids, repeats included, and the logits too."""
-  rng = np.random.default_rng(3)
   num_users, num_items = 9, 7
-  pairs = np.array(sorted({(int(rng.integers(num_users)), int(rng.integers(num_items)))
-                           for _ in range(30)}))
-  graph = graph_lib.build_graph(pairs[:, 0], pairs[:, 1], num_users, num_items)
+  _, graph = _random_graph(3)
   config = config_lib.default_config().model
   config.aggregator, config.embed_dim, config.hash_bits = aggregator, 4, 6
   config.hidden_dims = (4, 4) if aggregator == "lightgcn" else (5, 3)

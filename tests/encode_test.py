@@ -30,7 +30,7 @@ def _numpy_encode(params, graph, kind):
   return np.tanh(x @ np.asarray(params["user_hash"]["kernel"]) + params["user_hash"]["bias"])
 
 
-def _random_graph(seed, num_users=9, num_items=7, draws=30):
+def _random_graph(seed, num_users, num_items, draws=30):
   """(pairs [P, 2], graph) of up to `draws` distinct random (user, item) pairs, sorted."""
   rng = np.random.default_rng(seed)
   pairs = np.array(sorted({(int(rng.integers(num_users)), int(rng.integers(num_items)))
@@ -42,7 +42,7 @@ def _random_graph(seed, num_users=9, num_items=7, draws=30):
 def test_encode_matches_numpy_for_any_chunks(kind):
   num_users, num_items = 9, 7
   # Item 6 and user 8 may end up isolated: their mean over no neighbours must still work.
-  _, graph = _random_graph(0)
+  _, graph = _random_graph(0, num_users, num_items)
   config = config_lib.default_config().model
   config.aggregator, config.embed_dim, config.hidden_dims, config.hash_bits = kind, 4, (5, 3), 6
   model = model_lib.create_model(config, num_users, num_items)
@@ -70,7 +70,7 @@ def test_encode_a_graph_without_edges():
 def test_lightgcn_encode_matches_dense_propagation(num_layers):
   """LightGCN written as its paper does: E^(l+1) = D^-½ A D^-½ E^(l), u = mean_l E^(l)."""
   num_users, num_items = 9, 7
-  pairs, graph = _random_graph(1)
+  pairs, graph = _random_graph(1, num_users, num_items)
   config = config_lib.default_config().model
   config.aggregator, config.embed_dim, config.hash_bits = "lightgcn", 4, 6
   config.hidden_dims = (4,) * num_layers
@@ -149,7 +149,7 @@ def test_encode_graph_equals_full_neighbour_encoding(aggregator):
   """The differentiable whole-graph layers ("full" sampler mode) against `encode_nodes`, which
   the tests above hold to NumPy; any node ids, repeats included, and the logits too."""
   num_users, num_items = 9, 7
-  _, graph = _random_graph(3)
+  _, graph = _random_graph(3, num_users, num_items)
   config = config_lib.default_config().model
   config.aggregator, config.embed_dim, config.hash_bits = aggregator, 4, 6
   config.hidden_dims = (4, 4) if aggregator == "lightgcn" else (5, 3)
